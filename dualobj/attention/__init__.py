@@ -1,0 +1,1 @@
+"""dualobj.attention (see docs/)."""

@@ -1,0 +1,1 @@
+"""dualobj.data (see docs/)."""

@@ -1,0 +1,1 @@
+"""dualobj.evaluation (see docs/)."""

@@ -1,0 +1,13 @@
+"""Which positions to corrupt: random (exact count or Bernoulli), span masking and BERT-style replacement.
+
+Every function works on a whole ``[B, L]`` batch on its own device, with no Python loop over rows or tokens,
+and takes a ``generator`` so the same seed gives the same mask.
+"""
+
+from dualobj.masking._maskable import maskable_positions
+from dualobj.masking._random import random_mask
+
+__all__ = [
+    "maskable_positions",
+    "random_mask",
+]

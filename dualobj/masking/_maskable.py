@@ -1,0 +1,51 @@
+"""Which positions of a batch may be corrupted at all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dualobj._errors import check_tensor, describe, fail
+
+
+def maskable_positions(
+    tokens: torch.Tensor,
+    *,
+    special_ids: Sequence[int] | torch.Tensor | None = None,
+    num_special: int | None = None,
+    pad_id: int | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Positions that may be masked: not a special id, not padding, not inside a prompt.
+
+    Args:
+        tokens: ``[B, L]`` integer ids.
+        special_ids: ids never masked (for example BOS, EOS, ``<mask>`` itself).
+        num_special: ids ``< num_special`` are special (the paper's tokenizer reserves the first 16).
+        pad_id: the padding id, never masked.
+        prompt_lengths: ``[B]`` integers; positions ``< prompt_lengths[b]`` of row ``b`` are never masked.
+
+    Returns:
+        ``[B, L]`` bool, ``True`` where masking is allowed.
+    """
+    check_tensor("tokens", tokens, ndim=2, integer=True)
+    B, L = tokens.shape
+    out = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    if special_ids is not None:
+        ids = torch.as_tensor(special_ids, device=tokens.device).reshape(-1)
+        if ids.is_floating_point():
+            raise fail("special_ids", "integer ids", describe(special_ids))
+        if ids.numel():
+            out &= ~torch.isin(tokens, ids)
+    if num_special is not None:
+        if isinstance(num_special, bool) or not isinstance(num_special, int) or num_special < 0:
+            raise fail("num_special", "an int >= 0", describe(num_special))
+        out &= tokens >= num_special
+    if pad_id is not None:
+        out &= tokens != pad_id
+    if prompt_lengths is not None:
+        check_tensor("prompt_lengths", prompt_lengths, shape=(B,), integer=True)
+        positions = torch.arange(L, device=tokens.device)
+        out &= positions[None, :] >= prompt_lengths.to(tokens.device)[:, None]
+    return out

@@ -1,0 +1,107 @@
+"""Random masking of whole batches: an exact count per row, or independent Bernoulli draws."""
+
+from __future__ import annotations
+
+import torch
+
+from dualobj import _random
+from dualobj._errors import check_choice, check_tensor, describe, fail
+
+ROUNDINGS = ("stochastic", "floor", "round", "ceil")
+
+
+def resolve_shape(tokens_or_shape: torch.Tensor | tuple[int, int] | torch.Size) -> tuple[tuple[int, int], torch.device]:
+    """``(B, L)`` and the device from a ``[B, L]`` tensor or a shape (CPU then)."""
+    if isinstance(tokens_or_shape, torch.Tensor):
+        check_tensor("tokens_or_shape", tokens_or_shape, ndim=2)
+        B, L = tokens_or_shape.shape
+        return (int(B), int(L)), tokens_or_shape.device
+    shape = tuple(tokens_or_shape) if isinstance(tokens_or_shape, (tuple, list, torch.Size)) else None
+    if shape is None or len(shape) != 2 or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise fail("tokens_or_shape", "a [B, L] tensor or a (B, L) tuple of ints", describe(tokens_or_shape))
+    return (shape[0], shape[1]), torch.device("cpu")
+
+
+def resolve_rate(rate: float | torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
+    """A ``[B]`` float32 rate on ``device`` from a number or a ``[B]`` tensor, checked to lie in [0, 1]."""
+    if isinstance(rate, torch.Tensor):
+        if rate.ndim == 0:
+            rate = rate.reshape(1).expand(B)
+        check_tensor("rate", rate, shape=(B,), floating=True)
+        if not torch.compiler.is_compiling() and bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
+            raise fail("rate", "values in [0, 1]", f"min {rate.min().item():.4g}, max {rate.max().item():.4g}")
+        return rate.to(device=device, dtype=torch.float32)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= float(rate) <= 1.0):
+        raise fail("rate", "a number in [0, 1] or a [B] tensor", describe(rate))
+    return torch.full((B,), float(rate), device=device)
+
+
+def resolve_maskable(maskable: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
+    """The ``[B, L]`` bool ``maskable`` (all True when ``None``)."""
+    if maskable is None:
+        return torch.ones(B, L, dtype=torch.bool, device=device)
+    check_tensor("maskable", maskable, shape=(B, L), dtypes=(torch.bool,))
+    return maskable.to(device)
+
+
+def round_counts(
+    expected: torch.Tensor, rounding: str, *, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Round non-negative expected counts ``[B]`` to int64; ``"stochastic"`` keeps the expectation exact."""
+    check_choice("rounding", rounding, ROUNDINGS)
+    if rounding == "stochastic":
+        u = _random.rand(expected.shape, generator=generator, device=expected.device, dtype=expected.dtype)
+        return torch.floor(expected + u).long()
+    if rounding == "floor":
+        return torch.floor(expected).long()
+    if rounding == "ceil":
+        return torch.ceil(expected - 1e-6).long()
+    return torch.round(expected).long()
+
+
+def random_mask(
+    tokens_or_shape: torch.Tensor | tuple[int, int],
+    rate: float | torch.Tensor,
+    *,
+    exact: bool = True,
+    maskable: torch.Tensor | None = None,
+    rounding: str = "stochastic",
+    min_count: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose positions to mask in every row of a batch at once.
+
+    With ``exact=True`` row ``b`` gets exactly ``k_b`` masked positions, chosen uniformly among its maskable ones,
+    where ``k_b = rounding(rate_b · n_b)`` clamped to ``[min(min_count, n_b), n_b]`` and ``n_b`` is the row's
+    maskable count. ``rounding="stochastic"`` (floor of ``rate·n + u``) makes ``E[k_b] = rate_b · n_b`` exactly
+    (before ``min_count``). With ``exact=False`` each maskable position is masked independently with probability
+    ``rate_b`` (Bernoulli; ``rounding`` and ``min_count`` do not apply).
+
+    Args:
+        tokens_or_shape: a ``[B, L]`` tensor (its shape and device are used) or a ``(B, L)`` tuple (CPU).
+        rate: a number in [0, 1] or a ``[B]`` float tensor of per-row rates.
+        exact: exact count per row (True) or Bernoulli (False).
+        maskable: ``[B, L]`` bool, positions allowed to be masked (all when ``None``).
+        rounding: ``"stochastic"``, ``"floor"``, ``"round"`` or ``"ceil"``.
+        min_count: lower bound on the count of rows with maskable positions (the paper's code uses 1).
+        generator: the source of randomness (see :mod:`dualobj._random`).
+
+    Returns:
+        ``[B, L]`` bool mask, ``True`` = masked, on the device of ``tokens_or_shape``.
+    """
+    (B, L), device = resolve_shape(tokens_or_shape)
+    rates = resolve_rate(rate, B, device)
+    allowed = resolve_maskable(maskable, B, L, device)
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise fail("min_count", "an int >= 0", describe(min_count))
+    scores = _random.rand((B, L), generator=generator, device=device)
+    if not exact:
+        return (scores < rates[:, None]) & allowed
+    n = allowed.sum(dim=1)
+    k = round_counts(rates * n, rounding, generator=generator)
+    k = torch.minimum(k.clamp_min(min_count), n)
+    # Unmaskable positions sort last, so the k smallest scores are k distinct maskable positions.
+    scores = scores.masked_fill(~allowed, 2.0)
+    order = scores.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
+    return rank < k[:, None]

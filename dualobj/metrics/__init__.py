@@ -1,0 +1,1 @@
+"""dualobj.metrics (see docs/)."""

@@ -1,0 +1,1 @@
+"""dualobj.models (see docs/)."""

@@ -1,0 +1,26 @@
+"""What to predict and how to weigh it: AR, MD and the dual mix, scored by one weighted cross-entropy."""
+
+from dualobj.objectives._ar import ARObjective
+from dualobj.objectives._base import Objective
+from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
+from dualobj.objectives._ce import NORMALIZERS, cross_entropy
+from dualobj.objectives._distributed import global_count, global_loss
+from dualobj.objectives._dual import SPLITS, DualObjective, rank_is_ar
+from dualobj.objectives._md import WEIGHTINGS, MDObjective
+
+__all__ = [
+    "IGNORE_INDEX",
+    "NORMALIZERS",
+    "SPLITS",
+    "WEIGHTINGS",
+    "ARObjective",
+    "Batch",
+    "DualObjective",
+    "LossOutput",
+    "MDObjective",
+    "Objective",
+    "cross_entropy",
+    "global_count",
+    "global_loss",
+    "rank_is_ar",
+]

@@ -1,0 +1,154 @@
+"""The two records that flow through a training step: :class:`Batch` in, :class:`LossOutput` out."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from dualobj._errors import check_tensor, fail
+
+IGNORE_INDEX = -100
+"""Label value meaning "no loss at this output position" (the ``F.cross_entropy`` default)."""
+
+
+@dataclass
+class Batch:
+    """What one objective asks of the model and of the loss for one step.
+
+    Every objective's ``prepare`` returns one; any model consumes it: feed ``input_ids`` with the attention given
+    by ``causal`` (and ``doc_ids``), then score the output against ``labels`` with ``weights``.
+
+    Attributes:
+        input_ids: ``[B, L]`` int64. Clean tokens for AR rows, ``<mask>``-corrupted tokens for MD rows.
+        labels: ``[B, L]`` int64. The target of each output position; ``-100`` means no loss. With shifted
+            targets, position ``i`` is scored on token ``i + 1``.
+        weights: ``[B, L]`` float32. Per-position loss weight, ``0`` wherever ``labels == -100``: 1 for AR rows,
+            the MD estimator weight (``w(t)``, ``1/t`` for the linear schedule) for MD rows, times ``scale``.
+        causal: ``[B]`` bool, kept on the **CPU** (host metadata, so attention can split rows without a device
+            sync). ``True``: causal attention; ``False``: bidirectional.
+        doc_ids: ``[B, L]`` int64 or ``None``. Document id of each position of packed rows; attention and targets
+            never cross a document boundary.
+        t: ``[B]`` float32 or ``None``. Noise level of each MD row (``NaN`` for AR rows).
+        valid: ``[B, L]`` bool or ``None``. Output positions that count for ``normalize="valid"``: those whose
+            target token exists and could be scored (not padding, not across a document, not inside a prompt).
+            For MD rows this includes unmasked positions (the per-token ELBO); ``None`` means ``labels != -100``.
+        scale: ``[B]`` float32 or ``None``. The mixing factor already multiplied into ``weights`` for each row
+            (``ar_scale`` for AR rows, ``2α`` / ``2(1-α)`` for ``split="both"``); ``None`` means 1. Metrics divide
+            it out so ``ar/loss`` and ``md/loss`` stay comparable across mixes.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    causal: torch.Tensor
+    doc_ids: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        ids = check_tensor("input_ids", self.input_ids, ndim=2, integer=True)
+        B, L = ids.shape
+        if B == 0 or L == 0:
+            raise fail("input_ids", "a non-empty [B, L] batch", f"shape {list(ids.shape)}")
+        check_tensor("labels", self.labels, shape=(B, L), integer=True)
+        check_tensor("weights", self.weights, shape=(B, L), floating=True)
+        check_tensor("causal", self.causal, shape=(B,), dtypes=(torch.bool,))
+        if self.doc_ids is not None:
+            check_tensor("doc_ids", self.doc_ids, shape=(B, L), integer=True)
+        if self.t is not None:
+            check_tensor("t", self.t, shape=(B,), floating=True)
+        if self.valid is not None:
+            check_tensor("valid", self.valid, shape=(B, L), dtypes=(torch.bool,))
+        if self.scale is not None:
+            check_tensor("scale", self.scale, shape=(B,), floating=True)
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[B, L]``."""
+        return self.input_ids.shape
+
+    @property
+    def num_causal(self) -> int:
+        """How many rows are causal (read from the CPU copy of ``causal``; no device sync)."""
+        return int(self.causal.cpu().sum())
+
+    def valid_mask(self) -> torch.Tensor:
+        """``valid`` if set, else ``labels != -100``: ``[B, L]`` bool."""
+        return self.valid if self.valid is not None else self.labels != IGNORE_INDEX
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Move every tensor to ``device`` except ``causal``, which stays on the CPU."""
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return dataclasses.replace(
+            self,
+            input_ids=move(self.input_ids),
+            labels=move(self.labels),
+            weights=move(self.weights),
+            doc_ids=move(self.doc_ids),
+            t=move(self.t),
+            valid=move(self.valid),
+            scale=move(self.scale),
+        )
+
+    @staticmethod
+    def cat(batches: list[Batch]) -> Batch:
+        """Stack batches along rows (all must have the same length ``L`` and the same optional fields)."""
+        if not batches:
+            raise fail("batches", "at least one Batch", "an empty list")
+
+        def cat_opt(name: str, fill: float | None = None) -> torch.Tensor | None:
+            values = [getattr(b, name) for b in batches]
+            if all(v is None for v in values):
+                return None
+            if fill is None and any(v is None for v in values):
+                raise fail(f"batches[*].{name}", "set on every batch or on none", "a mix of set and None")
+            ref = next(v for v in values if v is not None)
+            out = []
+            for b, v in zip(batches, values):
+                if v is None:
+                    v = torch.full((b.shape[0],), fill, dtype=ref.dtype, device=ref.device)
+                out.append(v)
+            return torch.cat(out)
+
+        valid = None
+        if any(b.valid is not None for b in batches):
+            valid = torch.cat([b.valid_mask() for b in batches])
+        return Batch(
+            input_ids=torch.cat([b.input_ids for b in batches]),
+            labels=torch.cat([b.labels for b in batches]),
+            weights=torch.cat([b.weights for b in batches]),
+            causal=torch.cat([b.causal.cpu() for b in batches]),
+            doc_ids=cat_opt("doc_ids"),
+            t=cat_opt("t", float("nan")),
+            valid=valid,
+            scale=cat_opt("scale", 1.0),
+        )
+
+
+@dataclass
+class LossOutput:
+    """The result of scoring a :class:`Batch`.
+
+    Attributes:
+        loss: scalar float32 to call ``backward`` on: ``total / count`` (0 when ``count`` is 0).
+        total: scalar float32 with gradient: ``Σ weights · CE`` (plus the z-loss term), the numerator.
+        count: scalar float32, no gradient: the normaliser chosen by ``normalize``. Sum ``count`` over
+            data-parallel ranks (see :func:`dualobj.objectives.global_loss`) for exact global normalisation.
+        metrics: detached scalars for logging. Keys: ``"ar/loss"`` (mean CE per AR target, nats),
+            ``"ar/tokens"``, ``"md/loss"`` (per-token MD bound: ``Σ w·CE / valid`` over MD rows),
+            ``"md/tokens"`` (scored MD targets), ``"md/mask_rate"`` (scored / valid over MD rows),
+            ``"accuracy"`` (top-1 over all targets), ``"z_loss"`` (mean ``logsumexp²`` per target). The keys
+            are always present so logging and ``torch.compile`` see a fixed structure; a kind with no tokens in
+            this batch reports 0 loss and 0 tokens.
+    """
+
+    loss: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
