@@ -6,6 +6,7 @@ from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, cross_entropy
 from dualobj.objectives._distributed import global_count, global_loss
 from dualobj.objectives._dual import SPLITS, DualObjective, rank_is_ar
+from dualobj.objectives._fused import linear_cross_entropy
 from dualobj.objectives._md import WEIGHTINGS, MDObjective
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "cross_entropy",
     "global_count",
     "global_loss",
+    "linear_cross_entropy",
     "rank_is_ar",
 ]

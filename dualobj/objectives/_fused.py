@@ -53,3 +53,31 @@ def score_hidden(
         if lse_sq_rows is not None:
             lse_full = torch.zeros(B * L, device=hidden.device).index_copy_(0, rows, lse_sq_rows.detach()).view(B, L)
     return finish(total, ce_full.view(B, L), correct.view(B, L), lse_full, batch, normalize)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Weighted cross-entropy of ``hidden [N, H] @ weight[V, H].T (+ bias)`` against ``labels [N]``.
+
+    Placeholder: builds the logits of the labelled rows (the memory-efficient version replaces it).
+    """
+    keep = labels != ignore_index
+    logits = F.linear(hidden[keep], weight, bias).float()
+    ce = F.cross_entropy(logits, labels[keep], reduction="none")
+    if z_loss > 0:
+        ce = ce + z_loss * torch.logsumexp(logits, -1).square()
+    w = weights[keep].float() if weights is not None else torch.ones_like(ce)
+    if reduction == "none":
+        return torch.zeros(labels.shape, device=hidden.device).masked_scatter(keep, ce * w)
+    total = (ce * w).sum()
+    return total / keep.sum().clamp_min(1) if reduction == "mean" else total
