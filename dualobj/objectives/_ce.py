@@ -18,6 +18,11 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, the input dtype when wider (float64 stays float64 for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def check_labels(labels: torch.Tensor, vocab_size: int, argument: str = "labels") -> None:
     """Raise if a label is outside ``[0, vocab_size)`` and not ``-100`` (skipped while tracing: it syncs)."""
     if _is_compiling():
@@ -134,10 +139,11 @@ def cross_entropy(
     check_choice("normalize", normalize, NORMALIZERS)
     V = logits.shape[-1]
     check_labels(batch.labels, V)
-    flat = logits.reshape(-1, V).float()
+    dtype = compute_dtype(logits.dtype)
+    flat = logits.reshape(-1, V).to(dtype)
     labels = batch.labels.reshape(-1)
     ce = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    weights = batch.weights.reshape(-1).float()
+    weights = batch.weights.reshape(-1).to(dtype)
     per_pos = ce
     lse_sq = None
     if z_loss > 0:
@@ -150,9 +156,9 @@ def cross_entropy(
     B, L = batch.shape
     return finish(
         total,
-        ce.detach().view(B, L),
+        ce.detach().float().view(B, L),
         correct.view(B, L),
-        None if lse_sq is None else lse_sq.detach().view(B, L),
+        None if lse_sq is None else lse_sq.detach().float().view(B, L),
         batch,
         normalize,
     )

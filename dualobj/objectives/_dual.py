@@ -13,6 +13,7 @@ from dualobj._errors import check_choice, check_probability, describe, fail
 from dualobj.objectives._ar import ARObjective
 from dualobj.objectives._base import Objective, check_tokens
 from dualobj.objectives._batch import Batch
+from dualobj.objectives._ce import normalizer
 from dualobj.objectives._md import MDObjective
 
 SPLITS = ("rows", "both", "step", "rank")
@@ -47,9 +48,9 @@ class DualObjective(Objective):
             - ``"rows"``: a share α of the rows is AR (causal, clean), the rest MD, in one forward pass. The AR
               row count ``⌊αB⌋ + Bernoulli(frac(αB))`` is stochastically rounded, so its expectation is ``αB``
               exactly. AR rows come first (a contiguous group, which attention exploits).
-            - ``"both"``: every row twice (clean causal, then masked bidirectional): ``2B`` rows, AR weights
-              ``2α``, MD weights ``2(1 − α)``, so a per-position normaliser gives ``α·L_AR + (1 − α)·L_MD``
-              exactly.
+            - ``"both"``: every row twice (clean causal, then masked bidirectional): ``2B`` rows, two forward
+              passes' worth of compute. The rows' weights are scaled so that the loss under this objective's
+              ``normalize`` is exactly ``α·L_AR + (1 − α)·L_MD`` (each part normalised by its own count).
             - ``"step"``: the whole step is AR with probability α.
             - ``"rank"``: the paper's scheme: each data-parallel rank runs one objective, ``round(α·W)`` ranks
               AR, rotating each epoch (see :func:`rank_is_ar`). Needs ``steps_per_epoch``.
@@ -113,11 +114,26 @@ class DualObjective(Objective):
                 world = 1 if world is None else world
         return rank, world
 
-    def _scaled(self, batch: Batch, factor: float) -> Batch:
-        if factor == 1.0:
+    def _both_factors(
+        self, alpha: float, ar: Batch, md: Batch
+    ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """Row factors that make ``total / count`` of the stacked batch equal ``α·L_AR + (1−α)·L_MD`` exactly.
+
+        With counts ``n_AR`` and ``n_MD`` under this objective's normaliser, AR weights get ``α·(n_AR+n_MD)/n_AR``
+        and MD weights ``(1−α)·(n_AR+n_MD)/n_MD`` (``α`` and ``1−α`` for ``normalize="none"``, the plain sum).
+        """
+        if self.normalize == "none":
+            return alpha, 1.0 - alpha
+        n_ar = normalizer(ar, self.normalize)
+        n_md = normalizer(md, self.normalize)
+        both = n_ar + n_md
+        return alpha * both / n_ar.clamp_min(1.0), (1.0 - alpha) * both / n_md.clamp_min(1.0)
+
+    def _scaled(self, batch: Batch, factor: float | torch.Tensor) -> Batch:
+        if isinstance(factor, float) and factor == 1.0:
             return batch
         B = batch.shape[0]
-        scale = torch.full((B,), factor, device=batch.weights.device)
+        scale = torch.ones(B, device=batch.weights.device) * factor
         if batch.scale is not None:
             scale = scale * batch.scale
         return dataclasses.replace(batch, weights=batch.weights * factor, scale=scale)
@@ -150,9 +166,10 @@ class DualObjective(Objective):
         kw = {"doc_ids": doc_ids, "prompt_lengths": prompt_lengths, "generator": generator}
 
         if self.split == "both":
-            ar = self._scaled(self.ar.prepare(tokens, **kw), 2.0 * alpha * self.ar_scale)
-            md = self._scaled(self.md.prepare(tokens, **kw), 2.0 * (1.0 - alpha))
-            return Batch.cat([ar, md])
+            ar = self.ar.prepare(tokens, **kw)
+            md = self.md.prepare(tokens, **kw)
+            f_ar, f_md = self._both_factors(alpha, ar, md)
+            return Batch.cat([self._scaled(ar, f_ar * self.ar_scale), self._scaled(md, f_md)])
         if self.split == "rows":
             exact = alpha * B
             n_ar = math.floor(exact)
