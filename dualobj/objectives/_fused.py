@@ -1,58 +1,293 @@
-"""Scoring hidden states through the output layer without building the full ``[B, L, V]`` logits."""
+"""Scoring hidden states through the output layer without building the full ``[N, V]`` logits.
+
+The core is one sweep over the labelled rows, ``chunk_size`` rows at a time. Each chunk's logits live only in a
+reused ``[chunk, V]`` float32 buffer: the sweep takes the log-softmax, reads off the cross-entropy and the
+log-sum-exp of every row, then turns the buffer into ``d total / d logits`` in place and multiplies it into the
+gradients of the hidden states, the output weight and the bias. With ``reduction="sum"`` or ``"mean"`` this happens
+inside the forward (the per-token weights are known then, so nothing is recomputed); the backward only rescales the
+stored gradients by the incoming scalar. ``reduction="none"`` cannot do that (each row's upstream gradient is only
+known in the backward), so it runs the sweep again there.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
-from dualobj._errors import check_tensor, fail
+from dualobj._errors import check_choice, check_tensor, describe, fail
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
-from dualobj.objectives._ce import check_batch_against, check_labels, finish
+from dualobj.objectives._ce import NORMALIZERS, check_batch_against, finish
+
+REDUCTIONS = ("sum", "mean", "none")
+"""``linear_cross_entropy`` reductions: the weighted sum, that sum over the labelled count, or one value per row."""
+
+_CHUNK_ELEMENTS = 1 << 25
+"""Default logits-chunk budget in elements (128 MiB in float32): ``chunk_size`` is the power of two nearest
+``_CHUNK_ELEMENTS / V`` (1024 rows at V = 32768)."""
 
 
-def score_hidden(
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk when none is given: the power of two nearest ``2**25 / vocab_size``, at least 16."""
+    return max(16, 1 << round(math.log2(max(1.0, _CHUNK_ELEMENTS / max(1, vocab_size)))))
+
+
+def _sweep(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    z_loss: float,
+    chunk: int,
+    *,
+    grad_h: torch.Tensor | None = None,
+    grad_w: torch.Tensor | None = None,
+    grad_b: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunked pass over the rows ``h [M, H]`` with labels ``y [M]`` (all labelled) and weights ``w [M]``.
+
+    Returns the float32 ``ce [M]`` and ``lse [M]``. When given, ``grad_h [M, H]`` (dtype of ``h``) is overwritten
+    and ``grad_w [V, H]``, ``grad_b [V]`` (float32) are accumulated with the gradients of
+    ``Σ w·(ce + z_loss·lse²)``; ``correct [M]`` (bool) receives ``argmax == y``.
+    """
+    M = h.shape[0]
+    V = weight.shape[0]
+    f32 = _acc_dtype(h.dtype)
+    ce = torch.empty(M, dtype=f32, device=h.device)
+    lse = torch.empty(M, dtype=f32, device=h.device)
+    if M == 0:
+        return ce, lse
+    grads = grad_h is not None or grad_w is not None or grad_b is not None
+    c = min(chunk, M)
+    logits = torch.empty(c, V, dtype=f32, device=h.device)
+    raw = logits if h.dtype == f32 else torch.empty(c, V, dtype=h.dtype, device=h.device)
+    work = torch.empty(c, V, dtype=f32, device=h.device)
+    wt = weight.t()
+    for start in range(0, M, c):
+        stop = min(start + c, M)
+        r = stop - start
+        hc, yc = h[start:stop], y[start:stop]
+        lo, rw, ls = logits[:r], raw[:r], work[:r]
+        if bias is None:
+            torch.mm(hc, wt, out=rw)
+        else:
+            torch.addmm(bias, hc, wt, out=rw)
+        if rw is not lo:
+            lo.copy_(rw)
+        if correct is not None:
+            correct[start:stop] = lo.argmax(dim=1) == yc
+        torch.log_softmax(lo, dim=1, out=ls)
+        yi = yc.unsqueeze(1)
+        target_ls = ls.gather(1, yi).squeeze(1)
+        ce[start:stop] = -target_ls
+        lse_c = lo.gather(1, yi).squeeze(1) - target_ls
+        lse[start:stop] = lse_c
+        if not grads:
+            continue
+        # d/dlogits of w·(ce + z·lse²) = w·(1 + 2z·lse)·softmax − w·onehot(y)
+        wc = w[start:stop] if w is not None else torch.ones(r, dtype=f32, device=h.device)
+        row_scale = wc * (1.0 + 2.0 * z_loss * lse_c) if z_loss else wc
+        d = ls.exp_().mul_(row_scale.unsqueeze(1))
+        d.scatter_add_(1, yi, -wc.unsqueeze(1))
+        if grad_b is not None:
+            grad_b.add_(d.sum(dim=0))
+        dm = d if h.dtype == f32 else rw.copy_(d)
+        if grad_h is not None:
+            torch.mm(dm, weight, out=grad_h[start:stop])
+        if grad_w is not None:
+            if grad_w.dtype == dm.dtype:
+                grad_w.addmm_(dm.t(), hc)
+            else:
+                grad_w.add_(dm.t() @ hc)
+    return ce, lse
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs (so ``gradcheck`` works), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _select(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
+    """Indices of the labelled rows (``None`` when every row is labelled) and their count."""
+    keep = labels != ignore_index
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel() == labels.numel():
+        return None, labels.numel()
+    return rows, rows.numel()
+
+
+def _gathered(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None or rows is None:
+        return x
+    return x.index_select(0, rows)
+
+
+def _spread(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Values of the labelled rows back at their positions among ``n`` rows (0 elsewhere)."""
+    if rows is None:
+        return values
+    out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, rows, values)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """``Σ_labelled w·(ce + z·lse²)`` (``per_row=False``) or its per-row values (``per_row=True``).
+
+    Outputs: the loss, then detached float32 ``ce [N]``, ``lse [N]`` and bool ``correct [N]`` (0 / False at
+    ignored rows). With ``per_row=False`` the gradients are built in the forward and the backward rescales them;
+    with ``per_row=True`` the backward runs the sweep again with weights ``w·grad_output``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        labels: torch.Tensor,
+        z_loss: float,
+        ignore_index: int,
+        chunk: int,
+        want_correct: bool,
+        per_row: bool,
+        need: tuple[bool, bool, bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        N = hidden.shape[0]
+        f32 = _acc_dtype(hidden.dtype)
+        rows, M = _select(labels, ignore_index)
+        h = _gathered(hidden, rows)
+        y = _gathered(labels, rows)
+        w = _gathered(weights, rows)
+        w = None if w is None else w.to(f32)
+        need_h, need_w, need_b, need_weights = need
+        build = not per_row
+        grad_h = torch.empty_like(h) if build and need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if build and need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if build and need_b else None
+        correct = torch.zeros(M, dtype=torch.bool, device=hidden.device) if want_correct else None
+        ce, lse = _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
+                         correct=correct)
+        per = ce + z_loss * lse.square() if z_loss else ce
+        weighted = per if w is None else per * w
+        ce_full = _spread(ce, rows, N)
+        lse_full = _spread(lse, rows, N)
+        correct_full = (_spread(correct, rows, N) if correct is not None
+                        else torch.zeros(N, dtype=torch.bool, device=hidden.device))
+        per_full = _spread(per, rows, N) if need_weights else None
+        if per_row:
+            out = _spread(weighted, rows, N)
+            ctx.save_for_backward(hidden, weight, bias, weights, labels, per_full)
+            ctx.settings = (z_loss, ignore_index, chunk)
+        else:
+            out = weighted.sum()
+            ctx.grads = (
+                None if grad_h is None else _spread(grad_h, rows, N),
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype),
+                per_full,
+            )
+        ctx.per_row = per_row
+        ctx.mark_non_differentiable(ce_full, lse_full, correct_full)
+        return out, ce_full, lse_full, correct_full
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        need_h, need_w, need_b, need_weights = ctx.needs_input_grad[:4]
+        if not ctx.per_row:
+            gh, gw, gb, per = ctx.grads
+            g = grad_out
+            return (
+                None if gh is None or not need_h else gh * g.to(gh.dtype),
+                None if gw is None or not need_w else gw * g.to(gw.dtype),
+                None if gb is None or not need_b else gb * g.to(gb.dtype),
+                None if per is None or not need_weights else per * g,
+            ) + (None,) * 7
+        hidden, weight, bias, weights, labels, per_full = ctx.saved_tensors
+        z_loss, ignore_index, chunk = ctx.settings
+        N = hidden.shape[0]
+        rows, _ = _select(labels, ignore_index)
+        h = _gathered(hidden, rows)
+        y = _gathered(labels, rows)
+        acc = _acc_dtype(hidden.dtype)
+        g = grad_out.to(acc)
+        w = g if weights is None else g * weights.to(acc)
+        w = _gathered(w, rows)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+        return (
+            None if grad_h is None else _spread(grad_h, rows, N),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None if not need_weights else (per_full * g).to(weights.dtype),
+        ) + (None,) * 7
+
+
+@torch.compiler.disable
+def _fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    batch: Batch,
-    *,
-    bias: torch.Tensor | None = None,
-    z_loss: float = 0.0,
-    normalize: str = "valid",
-    chunk_size: int | None = None,
-) -> LossOutput:
-    """Score hidden states ``[B, L, H]`` against ``batch`` through the output layer ``weight [V, H]``.
+    bias: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    labels: torch.Tensor,
+    z_loss: float,
+    ignore_index: int,
+    chunk: int,
+    want_correct: bool,
+    per_row: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run :class:`_FusedLinearCE` outside any ``torch.compile`` graph (its row selection is data-dependent)."""
+    grad_on = torch.is_grad_enabled()
 
-    Only labelled positions are projected, so an MD batch with half its positions masked costs about half.
-    """
-    check_tensor("hidden", hidden, floating=True)
-    check_batch_against(hidden.shape, batch, "hidden", "hidden states")
-    check_tensor("head", weight, ndim=2, floating=True)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise fail("head", f"an output-layer weight of shape [V, H={hidden.shape[-1]}]", f"shape {list(weight.shape)}")
+    def wants(x: torch.Tensor | None) -> bool:
+        return grad_on and x is not None and x.requires_grad
+
+    need = (wants(hidden), wants(weight), wants(bias), wants(weights))
+    return _FusedLinearCE.apply(hidden, weight, bias, weights, labels, float(z_loss), int(ignore_index), int(chunk),
+                                want_correct, per_row, need)
+
+
+def _check_common(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z_loss: float,
+    chunk_size: int | None,
+    head_name: str = "weight",
+) -> int:
+    """Validate the arguments shared by the two entry points; return the chunk size to use."""
+    H = hidden.shape[-1]
+    check_tensor(head_name, weight, ndim=2, floating=True)
+    if weight.shape[1] != H:
+        raise fail(head_name, f"an output-layer weight of shape [V, H={H}]", f"shape {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise fail(head_name, f"dtype {hidden.dtype} (the dtype of hidden)", str(weight.dtype))
+    if weight.device != hidden.device:
+        raise fail(head_name, f"a tensor on {hidden.device} (the device of hidden)", str(weight.device))
     V = weight.shape[0]
-    check_labels(batch.labels, V)
-    B, L = batch.shape
-    labels = batch.labels.reshape(-1)
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    h = hidden.reshape(B * L, -1).index_select(0, rows)
-    y = labels.index_select(0, rows)
-    w = batch.weights.reshape(-1).index_select(0, rows).float()
-    logits = F.linear(h, weight, bias).float()
-    ce = F.cross_entropy(logits, y, reduction="none")
-    per = ce
-    lse_sq_rows = None
-    if z_loss > 0:
-        lse_sq_rows = torch.logsumexp(logits, dim=-1).square()
-        per = per + z_loss * lse_sq_rows
-    total = (per * w).sum()
-    with torch.no_grad():
-        ce_full = torch.zeros(B * L, device=hidden.device).index_copy_(0, rows, ce.detach())
-        correct = torch.zeros(B * L, dtype=torch.bool, device=hidden.device).index_copy_(
-            0, rows, logits.argmax(-1) == y)
-        lse_full = None
-        if lse_sq_rows is not None:
-            lse_full = torch.zeros(B * L, device=hidden.device).index_copy_(0, rows, lse_sq_rows.detach()).view(B, L)
-    return finish(total, ce_full.view(B, L), correct.view(B, L), lse_full, batch, normalize)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(V,), floating=True)
+        if bias.dtype != hidden.dtype:
+            raise fail("bias", f"dtype {hidden.dtype} (the dtype of hidden)", str(bias.dtype))
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0 or math.isinf(z_loss):
+        raise fail("z_loss", "a finite number >= 0", describe(z_loss))
+    if chunk_size is None:
+        return default_chunk_size(V)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise fail("chunk_size", "a positive int or None", describe(chunk_size))
+    return chunk_size
+
+
+def _check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise fail("labels", f"values in [0, {vocab_size}) or {ignore_index}", f"{int(labels[bad][0])}")
 
 
 def linear_cross_entropy(
@@ -66,18 +301,105 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     reduction: str = "sum",
-) -> torch.Tensor:
-    """Weighted cross-entropy of ``hidden [N, H] @ weight[V, H].T (+ bias)`` against ``labels [N]``.
+    return_accuracy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Weighted cross-entropy of the output layer applied to ``hidden``, without building the ``[N, V]`` logits.
 
-    Placeholder: builds the logits of the labelled rows (the memory-efficient version replaces it).
+    .. math::
+        \ell_n = x_n W^\top + b, \qquad
+        \text{total} = \sum_{n:\,y_n \ne \text{ignore}} w_n\big(\mathrm{CE}(\ell_n, y_n)
+            + \zeta\,\mathrm{lse}(\ell_n)^2\big)
+
+    Only the labelled rows go through the output layer, ``chunk_size`` rows at a time, so the extra memory is one
+    ``[chunk_size, V]`` float32 buffer pair plus the gradients. The per-token weights enter the fused computation:
+    for ``"sum"`` and ``"mean"`` the gradients of ``hidden``, ``weight`` and ``bias`` are computed during the
+    forward and the backward only rescales them (no second pass over the vocabulary). Double backward is not
+    supported. The CE, the log-sum-exp and the gradient of the logits are computed in float32 whatever the input
+    dtype; the matrix products run in the input dtype. Inside ``torch.compile`` the function runs eagerly (it is
+    wrapped in ``torch.compiler.disable``: the row selection is data-dependent).
+
+    Args:
+        hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
+        weight: ``[V, H]`` output-layer weight, same dtype and device as ``hidden``.
+        labels: ``[N]`` int64 targets in ``[0, V)``, or ``ignore_index`` for rows with no loss.
+        weights: ``[N]`` per-token weights (any float dtype, used in float32), or ``None`` for 1. Weights may
+            require grad: their gradient is the per-row ``CE + ζ·lse²``.
+        bias: ``[V]`` output-layer bias or ``None``.
+        z_loss: ``ζ``, coefficient of the ``logsumexp²`` penalty (PaLM), weighted like the CE.
+        ignore_index: label value of rows with no loss.
+        chunk_size: rows per chunk; ``None`` picks the power of two nearest ``2**25 / V``.
+        reduction: ``"sum"`` (the weighted total), ``"mean"`` (the total over the number of labelled rows, 0 when
+            there are none) or ``"none"`` (``[N]`` per-row weighted values, 0 at ignored rows; its backward
+            recomputes the chunks, since each row's upstream gradient is known only then).
+        return_accuracy: also return the detached fraction of labelled rows whose arg-max logit is the label.
+
+    Returns:
+        The loss (float32 scalar, or ``[N]`` for ``"none"``), or ``(loss, accuracy)`` with ``return_accuracy``.
+        An all-ignored input gives 0 with zero gradients.
+
+    Example:
+        >>> import torch
+        >>> from dualobj.objectives import linear_cross_entropy
+        >>> h, W = torch.randn(6, 4), torch.randn(10, 4)
+        >>> y = torch.tensor([1, 2, -100, 3, 4, -100])
+        >>> naive = torch.nn.functional.cross_entropy(h @ W.T, y, reduction="sum")
+        >>> torch.allclose(linear_cross_entropy(h, W, y, chunk_size=2), naive, atol=1e-5)
+        True
     """
-    keep = labels != ignore_index
-    logits = F.linear(hidden[keep], weight, bias).float()
-    ce = F.cross_entropy(logits, labels[keep], reduction="none")
-    if z_loss > 0:
-        ce = ce + z_loss * torch.logsumexp(logits, -1).square()
-    w = weights[keep].float() if weights is not None else torch.ones_like(ce)
-    if reduction == "none":
-        return torch.zeros(labels.shape, device=hidden.device).masked_scatter(keep, ce * w)
-    total = (ce * w).sum()
-    return total / keep.sum().clamp_min(1) if reduction == "mean" else total
+    check_tensor("hidden", hidden, ndim=2, floating=True)
+    N = hidden.shape[0]
+    check_tensor("labels", labels, shape=(N,), integer=True)
+    if weights is not None:
+        check_tensor("weights", weights, shape=(N,), floating=True)
+    check_choice("reduction", reduction, REDUCTIONS)
+    chunk = _check_common(hidden, weight, bias, z_loss, chunk_size)
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    out, _, _, correct = _fused(hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk,
+                                return_accuracy, reduction == "none")
+    count = (labels != ignore_index).sum(dtype=torch.float32)
+    if reduction == "mean":
+        out = out / count.clamp_min(1.0)
+    if not return_accuracy:
+        return out
+    return out, correct.sum(dtype=torch.float32) / count.clamp_min(1.0)
+
+
+def score_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    batch: Batch,
+    *,
+    bias: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+    normalize: str = "valid",
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Score hidden states ``[B, L, H]`` against ``batch`` through the output layer ``weight [V, H]`` (+ ``bias [V]``).
+
+    Gives the same :class:`LossOutput` (loss, total, count and metrics) as
+    ``cross_entropy(hidden @ weight.T + bias, batch, z_loss=z_loss, normalize=normalize)``, through
+    :func:`linear_cross_entropy`'s fused path: only labelled positions are projected, so an MD batch with half its
+    positions masked costs about half, and the ``[B, L, V]`` logits are never built.
+
+    Args:
+        hidden: ``[B, L, H]`` final hidden states.
+        weight: ``[V, H]`` output-layer weight (same dtype as ``hidden``).
+        batch: from an objective's ``prepare``; ``labels`` and ``weights`` are ``[B, L]``.
+        bias: ``[V]`` output-layer bias or ``None``.
+        z_loss: coefficient of the ``logsumexp²`` penalty.
+        normalize: the loss denominator (see :data:`dualobj.objectives.NORMALIZERS`).
+        chunk_size: rows per chunk (``None``: chosen from ``V``).
+
+    Returns:
+        :class:`LossOutput`.
+    """
+    check_tensor("hidden", hidden, floating=True)
+    check_batch_against(hidden.shape, batch, "hidden", "hidden states")
+    chunk = _check_common(hidden, weight, bias, z_loss, chunk_size, head_name="head")
+    check_choice("normalize", normalize, NORMALIZERS)
+    _check_label_values(batch.labels, weight.shape[0], IGNORE_INDEX)
+    B, L = batch.shape
+    total, ce, lse, correct = _fused(hidden.reshape(B * L, -1), weight, bias, batch.weights.reshape(-1),
+                                     batch.labels.reshape(-1), z_loss, IGNORE_INDEX, chunk, True, False)
+    lse_sq = lse.square().view(B, L) if z_loss > 0 else None
+    return finish(total, ce.view(B, L), correct.view(B, L), lse_sq, batch, normalize)
