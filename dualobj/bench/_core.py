@@ -8,9 +8,12 @@ agree, and reports ratios of ours to each baseline.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,11 @@ class Context:
     device: str = "cpu"
     dtype: str = "float32"
     quick: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype`` (``"bfloat16"`` → ``torch.bfloat16``)."""
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -63,3 +71,51 @@ class Case:
     memory: bool = False
     targets: dict[str, float] = field(default_factory=dict)
     memory_targets: dict[str, float] = field(default_factory=dict)
+
+
+def _flatten(value: Any) -> list[Any]:
+    """The leaves of nested tuples / lists / dicts (dict leaves in key order)."""
+    if isinstance(value, Mapping):
+        return [leaf for key in sorted(value) for leaf in _flatten(value[key])]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
+
+
+def allclose(*, rtol: float = 1e-4, atol: float = 1e-5) -> Callable[[dict[str, Any]], str | None]:
+    """A ready-made ``Case.check``: every output equals the first one within ``rtol``/``atol``.
+
+    Outputs may be tensors (any shape, compared in float64 on the CPU), numbers, or nested tuples / lists / dicts
+    of them; the structure and the shapes must match exactly.
+
+    Args:
+        rtol: relative tolerance, as in :func:`torch.allclose`.
+        atol: absolute tolerance.
+
+    Returns:
+        ``check(outputs) -> None | str``: ``None`` when all agree, else a message naming the first disagreeing
+        implementation, the leaf and the largest absolute difference.
+    """
+
+    def check(outputs: dict[str, Any]) -> str | None:
+        if not outputs:
+            return None
+        names = list(outputs)
+        ref_name = names[0]
+        ref = _flatten(outputs[ref_name])
+        for name in names[1:]:
+            got = _flatten(outputs[name])
+            if len(got) != len(ref):
+                return f"{name} returned {len(got)} values, {ref_name} returned {len(ref)}"
+            for i, (a, b) in enumerate(zip(ref, got)):
+                ta = torch.as_tensor(a).detach().to("cpu", torch.float64)
+                tb = torch.as_tensor(b).detach().to("cpu", torch.float64)
+                if ta.shape != tb.shape:
+                    return f"{name} value {i} has shape {list(tb.shape)}, {ref_name} has {list(ta.shape)}"
+                if not torch.allclose(ta, tb, rtol=rtol, atol=atol, equal_nan=True):
+                    diff = (ta - tb).abs().nan_to_num(math.inf).max().item()
+                    return (f"{name} differs from {ref_name} in value {i}: max |diff| = {diff:.3g} "
+                            f"(rtol={rtol}, atol={atol})")
+        return None
+
+    return check

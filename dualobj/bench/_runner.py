@@ -1,0 +1,355 @@
+"""Run benchmark suites: time every implementation, measure its memory, check agreement, compute ratios.
+
+Timing uses :class:`torch.utils.benchmark.Timer` (it synchronises the accelerator around each timed block) with
+the process's usual thread count. Each implementation is called once untimed (its output is kept for the
+agreement check, and it warms caches up), then timed in repeats until both a minimum time and a minimum number of
+repeats are reached; the reported time is the median per call over the repeats.
+
+Peak extra memory is read from the CUDA allocator on CUDA, and on the CPU from a fresh subprocess per
+implementation (see :mod:`dualobj.bench._worker`): its peak resident set size during one call, over its resident
+size after set-up and one warm-up call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.benchmark import Timer
+
+from dualobj.bench._core import Case, Context, Impl
+
+OK, UNAVAILABLE, ERROR, DISAGREE, SKIPPED, MISSING = "ok", "unavailable", "error", "disagree", "skipped", "missing"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How hard to measure.
+
+    Attributes:
+        min_run_time: seconds of timed calls per implementation (at least).
+        min_repeats: timed repeats per implementation (at least); the median is over these.
+        max_repeats: stop after this many repeats even if ``min_run_time`` is not reached.
+        block_time: a repeat runs the callable enough times to last about this long (keeps timer overhead small
+            for microsecond-scale calls).
+        memory: measure peak extra memory for cases that ask for it.
+    """
+
+    min_run_time: float = 1.0
+    min_repeats: int = 5
+    max_repeats: int = 200
+    block_time: float = 0.02
+    memory: bool = True
+
+    @classmethod
+    def for_context(cls, ctx: Context, *, memory: bool = True) -> RunOptions:
+        """The defaults for ``ctx``: shorter runs under ``ctx.quick``."""
+        if ctx.quick:
+            return cls(min_run_time=0.15, min_repeats=3, max_repeats=50, block_time=0.01, memory=memory)
+        return cls(memory=memory)
+
+
+@dataclass
+class ImplResult:
+    """One implementation's measurements (times in seconds per call, memory in bytes)."""
+
+    name: str
+    ours: bool
+    status: str = OK
+    reason: str | None = None
+    median_s: float | None = None
+    iqr_s: float | None = None
+    repeats: int = 0
+    calls_per_repeat: int = 0
+    peak_bytes: int | None = None
+    memory_note: str | None = None
+
+
+@dataclass
+class Ratio:
+    """``ours / baseline`` for time and memory, with the targets (``None`` where not set or not measured)."""
+
+    baseline: str
+    time: float | None
+    memory: float | None = None
+    target: float | None = None
+    met: bool | None = None
+    memory_target: float | None = None
+    memory_met: bool | None = None
+
+
+@dataclass
+class CaseResult:
+    """One case: the status (ok / disagree / error / skipped), the check message, each impl and the ratios."""
+
+    name: str
+    sizes: dict[str, Any]
+    unit: str
+    units: float | None
+    status: str = OK
+    message: str | None = None
+    impls: list[ImplResult] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+
+
+@dataclass
+class SuiteResult:
+    """One suite: ``status`` is ok, missing (no such module) or error (failed to import or to list its cases)."""
+
+    name: str
+    module: str
+    status: str = OK
+    message: str | None = None
+    cases: list[CaseResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.status != OK or any(c.status in (ERROR, DISAGREE) for c in self.cases)
+
+
+def module_name(suite: str) -> str:
+    """The module of a suite: ``"loss"`` → ``dualobj.bench.loss``; a dotted path is used as given."""
+    return suite if "." in suite else f"dualobj.bench.{suite}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def load_cases(suite: str, ctx: Context) -> tuple[str, str | None, list[Case]]:
+    """Import a suite and list its cases.
+
+    Returns:
+        ``(status, message, cases)``: ``status`` is ``"ok"``, ``"missing"`` (the suite module itself does not
+        exist) or ``"error"`` (it exists but failed to import, has no ``cases``, or ``cases(ctx)`` raised).
+    """
+    name = module_name(suite)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return MISSING, f"no module {name} (suite not written yet)", []
+        return ERROR, f"{name} failed to import: {_one_line(exc)}", []
+    except Exception as exc:
+        return ERROR, f"{name} failed to import: {_one_line(exc)}", []
+    make_cases = getattr(module, "cases", None)
+    if not callable(make_cases):
+        return ERROR, f"{name} has no function cases(ctx)", []
+    try:
+        cases = list(make_cases(ctx))
+    except Exception as exc:
+        return ERROR, f"{name}.cases(ctx) raised {_one_line(exc)}", []
+    bad = [c for c in cases if not isinstance(c, Case)]
+    if bad:
+        return ERROR, f"{name}.cases(ctx) returned {type(bad[0]).__name__}, expected Case", []
+    return OK, None, cases
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_callable(fn: Callable[[], Any], first_call_s: float, options: RunOptions) -> tuple[float, float, int, int]:
+    """Median and IQR of the per-call time of ``fn`` (already warmed up once, which took ``first_call_s``).
+
+    Returns:
+        ``(median_s, iqr_s, repeats, calls_per_repeat)``.
+    """
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    number = max(1, math.ceil(options.block_time / max(first_call_s, 1e-9)))
+    # A second estimate after warm-up: the first call often pays one-time costs.
+    probe = timer.timeit(number).raw_times[0] / number
+    number = max(1, math.ceil(options.block_time / max(probe, 1e-9)))
+    times: list[float] = []
+    total = 0.0
+    while len(times) < options.max_repeats and (total < options.min_run_time or len(times) < options.min_repeats):
+        block = timer.timeit(number).raw_times[0]
+        times.append(block / number)
+        total += block
+    median = statistics.median(times)
+    iqr = 0.0
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    return median, iqr, len(times), number
+
+
+def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak CUDA memory allocated during one call of ``fn``, over what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return int(peak)
+
+
+def subprocess_peak_bytes(
+    module: str, case_index: int, impl: str, ctx: Context, *, timeout: float = 600.0
+) -> tuple[int | None, str | None]:
+    """Peak extra RSS of one implementation, measured in a fresh Python process.
+
+    Returns:
+        ``(bytes, note)``: ``bytes`` is ``None`` when it could not be measured, and ``note`` says why (or how it
+        was measured, when only a bound was available).
+    """
+    env = dict(os.environ)
+    # The child sees the same modules as this process (a suite may live outside the package).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # A fixed mmap threshold: freed large blocks go back to the system instead of staying in the heap, so the
+    # warm-up call does not pre-fund the measured one.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    request = json.dumps({"module": module, "case": case_index, "impl": impl, "ctx": asdict(ctx)})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dualobj.bench._worker", request],
+            capture_output=True, text=True, env=env, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"memory worker timed out after {timeout:.0f} s"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"memory worker failed (exit {proc.returncode}): {tail}"
+    answer = json.loads(lines[-1])
+    if answer.get("error"):
+        return None, f"memory worker: {answer['error']}"
+    return answer.get("peak_bytes"), answer.get("note")
+
+
+def _check_contract(case: Case) -> str | None:
+    ours = [impl for impl in case.impls if impl.ours]
+    if len(ours) != 1:
+        return f"case {case.name!r} must mark exactly one Impl ours=True, found {len(ours)}"
+    names = [impl.name for impl in case.impls]
+    if len(set(names)) != len(names):
+        return f"case {case.name!r} has duplicate Impl names {names}"
+    unknown = sorted((set(case.targets) | set(case.memory_targets)) - set(names))
+    if unknown:
+        return f"case {case.name!r} has targets for unknown baselines {unknown}"
+    return None
+
+
+def _ratios(case: Case, results: list[ImplResult]) -> list[Ratio]:
+    ours = next((r for r in results if r.ours), None)
+    if ours is None or ours.status != OK:
+        return []
+    out = []
+    for res in results:
+        if res.ours or res.status != OK:
+            continue
+        t = ours.median_s / res.median_s if ours.median_s and res.median_s else None
+        m = None
+        if ours.peak_bytes is not None and res.peak_bytes:
+            m = ours.peak_bytes / res.peak_bytes
+        target = case.targets.get(res.name)
+        mtarget = case.memory_targets.get(res.name)
+        out.append(Ratio(
+            baseline=res.name, time=t, memory=m,
+            target=target, met=None if target is None or t is None else t <= target,
+            memory_target=mtarget, memory_met=None if mtarget is None or m is None else m <= mtarget,
+        ))
+    return out
+
+
+def run_case(
+    case: Case,
+    index: int,
+    module: str,
+    ctx: Context,
+    options: RunOptions,
+    progress: Callable[[str], None] = lambda _: None,
+) -> CaseResult:
+    """Measure every implementation of ``case`` (index ``index`` in its suite's list), check and compare them."""
+    result = CaseResult(name=case.name, sizes=dict(case.sizes), unit=case.unit, units=case.units)
+    problem = _check_contract(case)
+    if problem:
+        result.status, result.message = ERROR, problem
+        return result
+    outputs: dict[str, Any] = {}
+    errors = []
+    for impl in case.impls:
+        res = ImplResult(name=impl.name, ours=impl.ours)
+        result.impls.append(res)
+        if impl.available is not None:
+            res.status, res.reason = UNAVAILABLE, impl.available
+            progress(f"{case.name} · {impl.name}: not run ({impl.available})")
+            continue
+        progress(f"{case.name} · {impl.name}")
+        try:
+            _run_impl(impl, res, outputs, ctx, options, memory=options.memory and case.memory)
+        except Exception as exc:
+            res.status, res.reason = ERROR, _one_line(exc)
+            errors.append(f"{impl.name} raised {_one_line(exc)}")
+            progress(traceback.format_exc(limit=-3).rstrip())
+            continue
+        if options.memory and case.memory and not ctx.device.startswith("cuda"):
+            progress(f"{case.name} · {impl.name}: memory (fresh process)")
+            res.peak_bytes, res.memory_note = subprocess_peak_bytes(module, index, impl.name, ctx)
+    if errors:
+        result.status, result.message = ERROR, "; ".join(errors)
+    elif not outputs or next(r for r in result.impls if r.ours).status != OK:
+        result.status = SKIPPED
+        result.message = "ours did not run" if outputs else "no implementation could run here"
+    elif case.check is not None:
+        try:
+            verdict = case.check(outputs)
+        except Exception as exc:
+            verdict = f"check raised {_one_line(exc)}"
+        if verdict:
+            result.status, result.message = DISAGREE, str(verdict)
+    result.ratios = _ratios(case, result.impls)
+    return result
+
+
+def _run_impl(
+    impl: Impl, res: ImplResult, outputs: dict[str, Any], ctx: Context, options: RunOptions, *, memory: bool
+) -> None:
+    fn = impl.make()
+    start = time.perf_counter()
+    out = fn()
+    _synchronize(ctx.device)
+    first = time.perf_counter() - start
+    outputs[impl.name] = out
+    res.median_s, res.iqr_s, res.repeats, res.calls_per_repeat = time_callable(fn, first, options)
+    if memory and ctx.device.startswith("cuda") and torch.cuda.is_available():
+        res.peak_bytes = cuda_peak_bytes(fn)
+        res.memory_note = "CUDA allocator"
+
+
+def run_suite(
+    suite: str,
+    ctx: Context,
+    options: RunOptions,
+    *,
+    select: Sequence[str] = (),
+    progress: Callable[[str], None] = lambda _: None,
+) -> SuiteResult:
+    """Load one suite and run each of its cases (only those whose name contains one of ``select``, if given)."""
+    start = time.perf_counter()
+    module = module_name(suite)
+    result = SuiteResult(name=suite, module=module)
+    status, message, cases = load_cases(suite, ctx)
+    result.status, result.message = status, message
+    if status == OK:
+        for index, case in enumerate(cases):
+            if select and not any(s in case.name for s in select):
+                continue
+            result.cases.append(run_case(case, index, module, ctx, options, lambda m: progress(f"{suite} · {m}")))
+    result.seconds = time.perf_counter() - start
+    return result
