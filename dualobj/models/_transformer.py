@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dualobj._errors import check_tensor, describe, fail
+from dualobj.attention import SelfAttention
 
 
 @dataclass
@@ -59,14 +60,6 @@ class TransformerConfig:
         return asdict(self)
 
 
-def _self_attention(config: TransformerConfig) -> nn.Module:
-    try:
-        from dualobj.attention import SelfAttention
-    except ImportError:
-        from dualobj.models._interim_attention import SelfAttention
-    return SelfAttention(config.dim, config.heads, rope=True, rope_theta=config.rope_theta, backend=config.backend)
-
-
 class SwiGLU(nn.Module):
     """``w_down(silu(w_gate(x)) · w_up(x))``: ``[..., D] -> [..., D]``."""
 
@@ -86,7 +79,8 @@ class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attn = _self_attention(config)
+        self.attn = SelfAttention(config.dim, config.heads, rope=True, backend=config.backend,
+                                  rope_base=config.rope_theta)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = SwiGLU(config.dim, config.ffn_dim)
 

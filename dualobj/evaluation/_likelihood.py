@@ -1,0 +1,252 @@
+"""Held-out likelihoods of a model in its three modes: AR (causal), MD (ELBO, bidirectional) and prefix LM."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dualobj import _random
+from dualobj._errors import check_tensor, describe, fail
+from dualobj.masking import random_mask
+from dualobj.objectives import ARObjective, Batch, MDObjective
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class NLL:
+    """A summed negative log-likelihood (or bound) and what it was summed over.
+
+    Attributes:
+        nats: total, in nats.
+        tokens: the number of scored tokens (bytes, with the byte tokenizer).
+    """
+
+    nats: float
+    tokens: int
+
+    @property
+    def per_token(self) -> float:
+        """Mean nats per token (``nan`` when nothing was scored)."""
+        return self.nats / self.tokens if self.tokens else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        """Mean bits per token: bits per byte with the byte tokenizer."""
+        return self.per_token / LN2
+
+
+def resolve_head(model: nn.Module, head: nn.Linear | torch.Tensor | None) -> nn.Linear | torch.Tensor:
+    """``head`` if given, else ``model.lm_head``."""
+    if head is not None:
+        return head
+    out = getattr(model, "lm_head", None)
+    if out is None:
+        raise fail("head", "an output layer (or a model with an lm_head attribute)", describe(model))
+    return out
+
+
+def head_weight(head: nn.Linear | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of an output layer given as ``nn.Linear`` or a weight."""
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    return check_tensor("head", head, ndim=2, floating=True), None
+
+
+def _chunks(tokens: torch.Tensor, doc_ids: torch.Tensor | None, batch_size: int) -> Iterator[tuple]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise fail("batch_size", "an int >= 1", describe(batch_size))
+    for s in range(0, tokens.shape[0], batch_size):
+        yield s, tokens[s:s + batch_size], None if doc_ids is None else doc_ids[s:s + batch_size]
+
+
+def _check_rows(tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+    check_tensor("tokens", tokens, ndim=2, integer=True)
+    if doc_ids is not None:
+        check_tensor("doc_ids", doc_ids, shape=tuple(tokens.shape), integer=True)
+
+
+def _score(model: nn.Module, batch: Batch, head: nn.Linear | torch.Tensor, scorer: ARObjective | MDObjective,
+           prefix_lengths: torch.Tensor | None = None) -> tuple[float, int]:
+    """``(Σ weights·CE, number of scorable positions)`` of one batch."""
+    kwargs = {"causal": batch.causal, "doc_ids": batch.doc_ids}
+    if prefix_lengths is not None:
+        kwargs["prefix_lengths"] = prefix_lengths
+    hidden = model(batch.input_ids, **kwargs)
+    out = scorer.loss(hidden, batch, head=head)
+    return float(out.total), int(batch.valid_mask().sum())
+
+
+@torch.no_grad()
+def ar_nll(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    head: nn.Linear | torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> NLL:
+    """Held-out next-token NLL with causal attention: ``Σ_i −log p(x_{i+1} | x_{≤i})``.
+
+    Args:
+        model: called as ``model(input_ids, causal=, doc_ids=)``, returning hidden states ``[B, L, H]``.
+        tokens: ``[N, L]`` held-out rows.
+        doc_ids: ``[N, L]`` document ids (no target crosses a document; attention stays inside one).
+        head: the output layer (default ``model.lm_head``).
+        batch_size: rows per forward pass.
+
+    Returns:
+        :class:`NLL` over every position whose next token lies in the same document.
+    """
+    _check_rows(tokens, doc_ids)
+    head = resolve_head(model, head)
+    scorer = ARObjective(normalize="none")
+    nats, count = 0.0, 0
+    for _, x, d in _chunks(tokens, doc_ids, batch_size):
+        a, b = _score(model, scorer.prepare(x, doc_ids=d), head, scorer)
+        nats, count = nats + a, count + b
+    return NLL(nats, count)
+
+
+@torch.no_grad()
+def prefix_nll(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    prefix_length: int,
+    prefix_mode: bool = True,
+    doc_ids: torch.Tensor | None = None,
+    head: nn.Linear | torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> NLL:
+    """NLL of the tokens after the first ``prefix_length`` of each row, given the prefix.
+
+    With ``prefix_mode=True`` the prefix attends to itself bidirectionally and the rest is causal (a prefix LM,
+    the paper's Remark 3); with ``False`` everything is causal, which scores exactly the same targets so the two
+    numbers compare directly.
+
+    Args:
+        model: called as ``model(input_ids, causal=, doc_ids=, prefix_lengths=)``.
+        tokens: ``[N, L]`` rows.
+        prefix_length: conditioning positions per row, in ``[1, L)``; targets are tokens ``prefix_length..L−1``.
+        prefix_mode: bidirectional prefix (True) or plain causal (False).
+        doc_ids: ``[N, L]`` document ids.
+        head: the output layer (default ``model.lm_head``).
+        batch_size: rows per forward pass.
+    """
+    _check_rows(tokens, doc_ids)
+    L = tokens.shape[1]
+    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or not 1 <= prefix_length < L:
+        raise fail("prefix_length", f"an int in [1, L={L})", describe(prefix_length))
+    head = resolve_head(model, head)
+    scorer = ARObjective(normalize="none")
+    nats, count = 0.0, 0
+    for _, x, d in _chunks(tokens, doc_ids, batch_size):
+        p = torch.full((x.shape[0],), prefix_length, dtype=torch.long, device=x.device)
+        batch = scorer.prepare(x, doc_ids=d, prompt_lengths=p)
+        a, b = _score(model, batch, head, scorer, prefix_lengths=p if prefix_mode else None)
+        nats, count = nats + a, count + b
+    return NLL(nats, count)
+
+
+def antithetic_times(n: int, samples: int, *, generator: torch.Generator | None) -> torch.Tensor:
+    """``[samples, n]`` noise levels in (0, 1): sample ``2j`` draws ``u ~ U(0,1)`` per row, sample ``2j+1`` uses
+    ``1 − u`` (antithetic pairs; an odd last sample is a plain draw)."""
+    rows = []
+    for _ in range((samples + 1) // 2):
+        u = _random.rand((n,), generator=generator, device="cpu")
+        rows += [u, 1.0 - u]
+    return torch.stack(rows[:samples])
+
+
+def exact_counts(maskable: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+    """``[B]`` int64 ``k ~ U{1..n_b}`` with ``n_b`` the maskable count of row ``b`` (0 where ``n_b = 0``)."""
+    n = maskable.sum(dim=1)
+    u = _random.rand((maskable.shape[0],), generator=generator, device=maskable.device)
+    return torch.minimum(torch.floor(u * n).long() + 1, n)
+
+
+def mask_exactly(maskable: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+    """``[B, L]`` bool with exactly ``k_b`` positions of row ``b`` masked, uniformly among its maskable ones."""
+    B, L = maskable.shape
+    scores = _random.rand((B, L), generator=generator, device=maskable.device).masked_fill(~maskable, 2.0)
+    rank = torch.empty_like(scores, dtype=torch.long).scatter_(
+        1, scores.argsort(dim=1), torch.arange(L, device=maskable.device).expand(B, L))
+    return rank < k[:, None]
+
+
+@torch.no_grad()
+def md_elbo(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    md: MDObjective,
+    doc_ids: torch.Tensor | None = None,
+    samples: int = 4,
+    estimator: str = "antithetic",
+    seed: int = 0,
+    head: nn.Linear | torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> NLL:
+    r"""Monte Carlo estimate of the masked-diffusion negative ELBO (an upper bound on −log p), bidirectional.
+
+    Two unbiased estimators of the same bound
+    :math:`\sum_{k=1}^{n} \frac{1}{k}\,\mathbb{E}_{|M|=k}\big[\sum_{i\in M} -\log p_\theta(x_i \mid x_{\setminus M})
+    \big]`
+    (``masked_diffusion_anchors`` §4.2), for a row with ``n`` maskable tokens:
+
+    - ``"antithetic"``: ``t`` per row from antithetic pairs ``(u, 1 − u)``, each maskable token masked
+      independently with probability ``t`` (Bernoulli), weight ``1/t``: the continuous-time ELBO of the linear
+      schedule, whose expectation is exactly the bound above.
+    - ``"exact"``: ``k ~ U{1..n}``, exactly ``k`` tokens masked, weight ``n/k`` (LLaDA's evaluation estimator;
+      lower variance at small ``n``).
+
+    The evaluation draws come from a generator seeded with ``seed``, so every model is scored on the same masks.
+
+    Args:
+        model: called as ``model(input_ids, causal=False, doc_ids=)``.
+        tokens: ``[N, L]`` clean held-out rows.
+        md: the MD objective the model was trained with (mask id, shift, which ids may be masked). The bound
+            itself does not depend on the training schedule, so the linear schedule (weight ``1/t``) is used.
+        doc_ids: ``[N, L]`` document ids.
+        samples: masks per row (>= 1).
+        estimator: ``"antithetic"`` or ``"exact"``.
+        seed: the evaluation seed.
+        head: the output layer (default ``model.lm_head``).
+        batch_size: rows per forward pass.
+
+    Returns:
+        :class:`NLL`: the bound summed over rows (averaged over samples) and the number of maskable tokens, so
+        ``per_token`` is the per-token bound, comparable with :func:`ar_nll` on the same rows.
+    """
+    _check_rows(tokens, doc_ids)
+    if not isinstance(md, MDObjective):
+        raise fail("md", "an MDObjective", describe(md))
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise fail("samples", "an int >= 1", describe(samples))
+    if estimator not in ("antithetic", "exact"):
+        raise fail("estimator", "'antithetic' or 'exact'", repr(estimator))
+    head = resolve_head(model, head)
+    scorer = MDObjective(md.mask_token_id, shift=md.shift, t_min=1e-6, normalize="none")
+    gen = torch.Generator().manual_seed(seed)
+    times = antithetic_times(tokens.shape[0], samples, generator=gen)
+    nats, count = 0.0, 0
+    for start, x, d in _chunks(tokens, doc_ids, batch_size):
+        maskable = md.eligible(x, doc_ids=d)
+        for s in range(samples):
+            if estimator == "antithetic":
+                t = times[s, start:start + x.shape[0]].to(x.device).clamp_min(1e-6)
+                mask = random_mask(x, t, exact=False, maskable=maskable, generator=gen)
+            else:
+                k = exact_counts(maskable, generator=gen)
+                mask = mask_exactly(maskable, k, generator=gen)
+                n = maskable.sum(dim=1)
+                t = torch.where(n > 0, k / n.clamp_min(1), torch.ones_like(n, dtype=torch.float32)).float()
+            a, b = _score(model, scorer.build(x, mask, t, maskable=maskable, doc_ids=d), head, scorer)
+            nats += a / samples
+        count += b
+    return NLL(nats, count)
