@@ -1,1 +1,21 @@
-"""dualobj.metrics (see docs/)."""
+"""Metrics for AR and MD language models: torchmetrics ``Metric`` classes (synced across processes) and functions.
+
+- :class:`ARPerplexity` / :func:`ar_perplexity`: next-token perplexity with shifted targets.
+- :class:`MDELBOBound` / :func:`md_elbo_bound`: the masked-diffusion negative-ELBO per token from ``total`` and
+  ``count``.
+- :class:`TokenAccuracy` / :func:`token_accuracy`: micro-averaged top-1 token accuracy.
+
+Every class keeps two summed states, so its value over several processes is the exact global ratio.
+"""
+
+from dualobj.metrics._classes import ARPerplexity, MDELBOBound, TokenAccuracy
+from dualobj.metrics._functional import ar_perplexity, md_elbo_bound, token_accuracy
+
+__all__ = [
+    "ARPerplexity",
+    "MDELBOBound",
+    "TokenAccuracy",
+    "ar_perplexity",
+    "md_elbo_bound",
+    "token_accuracy",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 
@@ -22,17 +23,43 @@ AlphaLike = float | Callable[[int], float]
 
 
 def rank_is_ar(alpha: float, *, rank: int, world_size: int, epoch: int) -> bool:
-    """The paper's per-rank assignment: ``round(α·W)`` of ``W`` ranks run AR, rotating by one rank per epoch.
+    r"""The paper's per-rank assignment: which data-parallel ranks run AR in ``epoch``, rotating every epoch.
 
-    Rank ``r`` runs AR when ``(epoch + r) mod W < round(α·W)``, so over ``W`` epochs every rank (and so every
-    data shard) is seen under both objectives in the ratio α : 1 − α.
+    Write α = a/d in lowest terms (``d`` must divide ``world_size``, so ``α·W`` ranks run AR at every step). Rank
+    ``r`` runs AR when ``(epoch + r) mod d < a``. Every step has exactly ``α·W`` AR ranks, and over any ``d``
+    consecutive epochs each rank, and so each data shard, is seen ``a`` times under AR and ``d − a`` times under
+    MD. The official code's rule (masked when ``(epoch + r) % den < num``, ``num/den = 1 − α``) is the same
+    rotation with another starting epoch; here rank 0 starts on AR. The rotation period is ``d``, not ``W``: a
+    shift by one rank per epoch over all ``W`` ranks would leave most shards under one objective for the few
+    epochs of a typical run.
+
+    Args:
+        alpha: the AR share α in [0, 1]; ``α·world_size`` must be an integer.
+        rank: this rank, in ``[0, world_size)``.
+        world_size: the number of data-parallel ranks.
+        epoch: the data epoch (``step // steps_per_epoch``), ``>= 0``.
+
+    Returns:
+        ``True`` when ``rank`` runs the AR objective in ``epoch``.
+
+    Example:
+        >>> [rank_is_ar(0.25, rank=r, world_size=8, epoch=0) for r in range(8)]
+        [True, False, False, False, True, False, False, False]
+        >>> [rank_is_ar(0.25, rank=0, world_size=8, epoch=e) for e in range(4)]
+        [True, False, False, False]
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise fail("rank", f"an int in [0, world_size={world_size})", rank)
+    check_probability("alpha", alpha)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise fail("world_size", "an int >= 1", describe(world_size))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise fail("rank", f"an int in [0, world_size={world_size})", describe(rank))
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise fail("epoch", "an int >= 0", describe(epoch))
     n_ar = round(alpha * world_size)
     if abs(n_ar - alpha * world_size) > 1e-6:
         raise fail("alpha", f"a multiple of 1/world_size = 1/{world_size} with split='rank'", alpha)
-    return (epoch + rank) % world_size < n_ar
+    share = Fraction(n_ar, world_size)
+    return (epoch + rank) % share.denominator < share.numerator
 
 
 class DualObjective(Objective):

@@ -1,0 +1,128 @@
+"""Hugging Face ``Trainer`` integration: each micro-batch is prepared by a dualobj objective and normalised once
+over the whole accumulated batch and every device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from dualobj._errors import check_choice, describe, fail
+from dualobj.integrations._masks import additive_attention_mask
+from dualobj.objectives import NORMALIZERS, Batch, LossOutput, Objective, cross_entropy
+from dualobj.objectives._distributed import batch_count
+
+BATCH_KEY = "dualobj_batch"
+"""Key under which :class:`DualObjectiveTrainer` stores the prepared :class:`Batch` in an inputs dict."""
+
+
+class DualObjectiveTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains on a dualobj objective (AR, MD or the dual mix).
+
+    The dataset yields dicts with ``input_ids`` ``[B, L]`` (clean tokens) and optionally ``doc_ids`` ``[B, L]``,
+    ``prompt_lengths`` ``[B]`` and a 2D ``attention_mask`` (padding). For every optimizer step the trainer
+
+    1. fetches the step's micro-batches and runs ``objective.prepare`` on each (masks are drawn here, with a
+       generator seeded from ``args.seed`` and the process index);
+    2. sums their loss denominators (:func:`~dualobj.objectives.batch_count`), all-reduced over devices when
+       ``args.average_tokens_across_devices`` is set; this plays the part of ``num_items_in_batch``, which
+       would otherwise count shifted labels and be wrong for MD rows;
+    3. runs the model with the 4D mask from :func:`additive_attention_mask` (per-row causal or bidirectional,
+       documents kept apart) and scores the logits with :func:`~dualobj.objectives.cross_entropy`;
+    4. returns ``total / N`` (times the number of processes, to cancel DDP's gradient average, when the count is
+       global), already scaled for gradient accumulation.
+
+    So the accumulated gradient equals that of one ``total / N`` over the whole global batch. Outside training
+    (``evaluate``) each batch is prepared in :meth:`compute_loss` and normalised by its own count.
+
+    Set ``remove_unused_columns=False`` in ``TrainingArguments`` when the dataset is a ``datasets.Dataset``
+    carrying ``doc_ids`` or ``prompt_lengths`` (the model's forward does not take them).
+
+    Args:
+        objective: the objective (``ARObjective``, ``MDObjective`` or ``DualObjective``).
+        normalize: the denominator (default: the objective's own ``normalize``).
+        *args, **kwargs: passed to ``transformers.Trainer``.
+
+    Attributes:
+        last_output: the :class:`LossOutput` of the latest micro-batch (its ``metrics`` are detached, for logging).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, objective: Objective, normalize: str | None = None, **kwargs: Any) -> None:
+        if not isinstance(objective, Objective):
+            raise fail("objective", "a dualobj Objective", describe(objective))
+        normalize = objective.normalize if normalize is None else normalize
+        check_choice("normalize", normalize, NORMALIZERS)
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.normalize = normalize
+        # Older transformers decide from this flag (with a given count) that the loss is already scaled for
+        # gradient accumulation; our compute_loss never passes loss kwargs to the model.
+        self.model_accepts_loss_kwargs = True
+        self.last_output: LossOutput | None = None
+        self._generator = torch.Generator().manual_seed(int(self.args.seed) * 1009 + int(self.args.process_index))
+
+    def _prepare_objective(self, inputs: dict[str, Any]) -> Batch:
+        if "input_ids" not in inputs:
+            raise fail("inputs", "a dict with 'input_ids' [B, L] (clean tokens)", sorted(inputs))
+        return self.objective.prepare(
+            inputs["input_ids"],
+            step=int(self.state.global_step),
+            doc_ids=inputs.get("doc_ids"),
+            prompt_lengths=inputs.get("prompt_lengths"),
+            generator=self._generator,
+        )
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, *args: Any, **kwargs: Any
+    ) -> tuple[list, torch.Tensor | None]:
+        """Fetch one optimizer step's micro-batches, prepare each, and count the step's global denominator."""
+        samples = []
+        for _ in range(num_batches):
+            try:
+                samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not samples:
+            return samples, None
+        for sample in samples:
+            sample[BATCH_KEY] = self._prepare_objective(sample)
+        count = batch_count([s[BATCH_KEY] for s in samples], self.normalize).to(self.args.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return samples, count
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Forward the prepared batch with its 4D mask and return ``total / N`` (see the class docstring)."""
+        batch = inputs.get(BATCH_KEY)
+        prepared_for_step = batch is not None and num_items_in_batch is not None
+        if batch is None:
+            batch = self._prepare_objective(inputs)
+        batch = batch.to(inputs["input_ids"].device)
+        dtype = getattr(self.accelerator.unwrap_model(model), "dtype", torch.float32)
+        mask = additive_attention_mask(
+            batch,
+            dtype=dtype,
+            prefix_lengths=inputs.get("prompt_lengths"),
+            padding_mask=inputs.get("attention_mask"),
+        )
+        outputs = model(input_ids=batch.input_ids, attention_mask=mask)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        out = cross_entropy(logits, batch, z_loss=self.objective.z_loss, normalize=self.normalize)
+        self.last_output = out
+        if prepared_for_step:
+            loss = out.total / torch.as_tensor(num_items_in_batch, device=out.total.device).clamp_min(1.0)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = out.loss
+        return (loss, outputs) if return_outputs else loss

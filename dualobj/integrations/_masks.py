@@ -1,0 +1,105 @@
+"""Dense attention masks built from a :class:`~dualobj.objectives.Batch`, for models that take a 4D mask."""
+
+from __future__ import annotations
+
+import torch
+
+from dualobj._errors import check_tensor, fail
+from dualobj.objectives import Batch
+
+
+def allowed_keys(
+    causal: torch.Tensor,
+    length: int,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Which key each query may attend to, per row: ``[B, L, L]`` bool (True = attend).
+
+    Query ``i`` sees key ``j`` when ``j <= i`` or the row is bidirectional (``causal[b]`` False) or ``j`` lies in the
+    row's prefix (``j < prefix_lengths[b]``: a prefix-LM row), and ``i`` and ``j`` are in one packed document.
+    This is the rule of :func:`dualobj.attention.attention`.
+
+    Args:
+        causal: ``[B]`` bool, per-row causality (``Batch.causal``).
+        length: ``L``, the sequence length.
+        doc_ids: ``[B, L]`` int document ids of packed rows.
+        prefix_lengths: ``[B]`` int; keys before this position are visible to every query of the row.
+        padding_mask: ``[B, L]`` bool or 0/1 int, Hugging Face's 2D ``attention_mask`` (1 = real token): padded keys
+            are hidden. A query always sees itself, so no row of the mask is empty.
+        device: where to build the mask (default: the device of ``doc_ids``, else of ``padding_mask``, else CPU).
+
+    Returns:
+        ``[B, L, L]`` bool.
+    """
+    check_tensor("causal", causal, ndim=1, dtypes=(torch.bool,))
+    B = causal.shape[0]
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise fail("length", "an int >= 1", repr(length))
+    L = length
+    if device is None:
+        device = next((x.device for x in (doc_ids, padding_mask) if x is not None), torch.device("cpu"))
+    pos = torch.arange(L, device=device)
+    allowed = (pos[None, :, None] >= pos[None, None, :]) | ~causal.to(device)[:, None, None]  # [B, L, L]
+    if prefix_lengths is not None:
+        check_tensor("prefix_lengths", prefix_lengths, shape=(B,), integer=True)
+        allowed = allowed | (pos[None, None, :] < prefix_lengths.to(device)[:, None, None])
+    if doc_ids is not None:
+        check_tensor("doc_ids", doc_ids, shape=(B, L), integer=True)
+        doc_ids = doc_ids.to(device)
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if padding_mask is not None:
+        check_tensor("padding_mask", padding_mask, shape=(B, L))
+        keep = padding_mask.to(device).bool()
+        allowed = (allowed & keep[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+    return allowed
+
+
+def additive_attention_mask(
+    batch: Batch,
+    *,
+    dtype: torch.dtype = torch.float32,
+    prefix_lengths: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``[B, 1, L, L]`` additive float mask a Hugging Face model accepts as ``attention_mask``.
+
+    0 where a query may attend (see :func:`allowed_keys`), ``torch.finfo(dtype).min`` elsewhere. transformers
+    passes a 4D mask through unchanged; its eager attention adds it to the scores and its SDPA path hands it to
+    ``scaled_dot_product_attention``, which adds a float mask too, so one mask serves both. Each row gets its own
+    causality (AR rows causal, MD rows bidirectional) and packed documents never see each other.
+
+    Args:
+        batch: from an objective's ``prepare`` (uses ``causal``, ``doc_ids`` and the device of ``input_ids``).
+        dtype: the model's compute dtype (``model.dtype``); SDPA wants the mask in the query's dtype.
+        prefix_lengths: ``[B]`` int prefix-LM lengths (bidirectional prefix in causal rows).
+        padding_mask: ``[B, L]`` Hugging Face 2D ``attention_mask`` (1 = real token).
+
+    Returns:
+        ``[B, 1, L, L]`` tensor of ``dtype`` on the batch's device.
+
+    Example:
+        >>> import torch
+        >>> from dualobj.objectives import ARObjective
+        >>> mask = additive_attention_mask(ARObjective().prepare(torch.tensor([[1, 2, 3]])))
+        >>> (mask[0, 0] == 0).tolist()
+        [[True, False, False], [True, True, False], [True, True, True]]
+    """
+    if not isinstance(batch, Batch):
+        raise fail("batch", "a dualobj Batch", type(batch).__name__)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise fail("dtype", "a floating torch.dtype", repr(dtype))
+    allowed = allowed_keys(
+        batch.causal,
+        batch.shape[1],
+        doc_ids=batch.doc_ids,
+        prefix_lengths=prefix_lengths,
+        padding_mask=padding_mask,
+        device=batch.input_ids.device,
+    )
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
