@@ -34,7 +34,8 @@ def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
     """
     check_tensor("doc_ids", doc_ids, ndim=2, integer=True)
     change = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
-    return torch.cat([torch.zeros_like(change[:, :1]), change.cumsum(1)], dim=1)
+    first = torch.zeros(doc_ids.shape[0], 1, dtype=torch.long, device=doc_ids.device)
+    return torch.cat([first, change.cumsum(1)], dim=1)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
