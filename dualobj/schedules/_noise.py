@@ -148,7 +148,10 @@ class LinearSchedule(AlphaSchedule):
 
 
 class _OneMinusSin:
-    """α = 1 − sin(πt/2) = 2·sin²(π(1−t)/4); w = (π/2)·cot(πt/2)."""
+    """α = 1 − sin(πt/2) = 2·sin²(π(1−t)/4); w = (π/2)·cot(πt/2).
+
+    cos(πt/2) is written sin(π(1−t)/2) throughout, which stays accurate near t = 1 (where 1 − t is exact).
+    """
 
     @staticmethod
     def alpha(t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +159,7 @@ class _OneMinusSin:
 
     @staticmethod
     def dalpha(t: torch.Tensor) -> torch.Tensor:
-        return -HALF_PI * torch.cos(HALF_PI * t)
+        return -HALF_PI * torch.sin(HALF_PI * (1.0 - t))
 
     @staticmethod
     def mask_rate(t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +167,7 @@ class _OneMinusSin:
 
     @staticmethod
     def weight(t: torch.Tensor) -> torch.Tensor:
-        return HALF_PI / torch.tan(HALF_PI * t)
+        return HALF_PI * torch.sin(HALF_PI * (1.0 - t)) / torch.sin(HALF_PI * t)
 
     @staticmethod
     def t_at_rate(rate: torch.Tensor) -> torch.Tensor:
@@ -172,11 +175,11 @@ class _OneMinusSin:
 
 
 class _Cos:
-    """α = cos(πt/2); 1 − α = 2·sin²(πt/4); w = (π/2)·cot(πt/4)."""
+    """α = cos(πt/2) = sin(π(1−t)/2); 1 − α = 2·sin²(πt/4); w = (π/2)·cot(πt/4)."""
 
     @staticmethod
     def alpha(t: torch.Tensor) -> torch.Tensor:
-        return torch.cos(HALF_PI * t)
+        return torch.sin(HALF_PI * (1.0 - t))
 
     @staticmethod
     def dalpha(t: torch.Tensor) -> torch.Tensor:
@@ -196,15 +199,15 @@ class _Cos:
 
 
 class _CosSquared:
-    """α = cos²(πt/2); 1 − α = sin²(πt/2); w = π·cot(πt/2)."""
+    """α = cos²(πt/2) = sin²(π(1−t)/2); 1 − α = sin²(πt/2); w = π·cot(πt/2)."""
 
     @staticmethod
     def alpha(t: torch.Tensor) -> torch.Tensor:
-        return torch.cos(HALF_PI * t) ** 2
+        return torch.sin(HALF_PI * (1.0 - t)) ** 2
 
     @staticmethod
     def dalpha(t: torch.Tensor) -> torch.Tensor:
-        return -HALF_PI * torch.sin(math.pi * t)
+        return -math.pi * torch.sin(HALF_PI * t) * torch.sin(HALF_PI * (1.0 - t))
 
     @staticmethod
     def mask_rate(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +215,7 @@ class _CosSquared:
 
     @staticmethod
     def weight(t: torch.Tensor) -> torch.Tensor:
-        return math.pi / torch.tan(HALF_PI * t)
+        return math.pi * torch.sin(HALF_PI * (1.0 - t)) / torch.sin(HALF_PI * t)
 
     @staticmethod
     def t_at_rate(rate: torch.Tensor) -> torch.Tensor:
