@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
         allow_missing: Annotated[bool, typer.Option(
             help="Do not fail when a suite module does not exist yet (it is still reported).",
         )] = False,
+        threads: Annotated[int | None, typer.Option(
+            min=1, help="CPU threads for torch (default: torch's own choice); recorded in the JSON.",
+        )] = None,
         case: Annotated[list[str] | None, typer.Option(
             "--case", "-k", help="Only cases whose name contains this text (repeatable).",
         )] = None,
@@ -84,6 +87,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("expected a machine with CUDA, got torch.cuda.is_available() == False",
                                      param_hint="--device")
         to_stdout = json_path is not None and str(json_path) == "-"
+        if threads is not None:
+            torch.set_num_threads(threads)
         out, err = _console(stderr=to_stdout), _console(stderr=True)
         ctx = Context(device=device.value, dtype=dtype.value, quick=quick)
         options = RunOptions.for_context(ctx, memory=memory)
@@ -93,13 +98,14 @@ def register(app: typer.Typer) -> None:
             err.print(f"[bold]bench {name}[/] ({ctx.device}, {ctx.dtype}{', quick' if quick else ''})")
             result = run_suite(name, ctx, options, select=case or (), progress=lambda m: err.print(f"  {m}",
                                                                                                  highlight=False))
-            err.print(f"  {name}: {result.status} in {result.seconds:.1f} s")
+            err.print(f"  {name}: {'failed' if result.failed else 'ok'} in {result.seconds:.1f} s")
             results.append(result)
         render(out, results)
         code = exit_code(results, allow_missing=allow_missing)
         if json_path is not None:
             opts = {"suite": suite, "device": ctx.device, "dtype": ctx.dtype, "quick": quick, "memory": memory,
                     "allow_missing": allow_missing, "case": list(case or []),
+                    "threads": torch.get_num_threads(),
                     "timing": {k: getattr(options, k) for k in ("min_run_time", "min_repeats", "max_repeats",
                                                                  "block_time")}}
             text = json.dumps(document(results, opts, ctx.device, code), indent=2, allow_nan=False, default=str)

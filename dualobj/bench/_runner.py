@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-from dualobj.bench._core import Case, Context, Impl
+from dualobj.bench._core import Case, Context
 
 OK, UNAVAILABLE, ERROR, DISAGREE, SKIPPED, MISSING = "ok", "unavailable", "error", "disagree", "skipped", "missing"
 
@@ -162,29 +162,62 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_callable(fn: Callable[[], Any], first_call_s: float, options: RunOptions) -> tuple[float, float, int, int]:
-    """Median and IQR of the per-call time of ``fn`` (already warmed up once, which took ``first_call_s``).
+class _Timed:
+    """Repeated timing of one callable with :class:`torch.utils.benchmark.Timer` (accelerator-synchronised)."""
+
+    def __init__(self, fn: Callable[[], Any], first_call_s: float, options: RunOptions) -> None:
+        self.timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        self.options = options
+        number = max(1, math.ceil(options.block_time / max(first_call_s, 1e-9)))
+        # A second estimate after the first call, which often pays one-time costs; it is a warm-up too.
+        probe = self.timer.timeit(number).raw_times[0] / number
+        self.number = max(1, math.ceil(options.block_time / max(probe, 1e-9)))
+        self.times: list[float] = []
+        self.total = 0.0
+
+    @property
+    def done(self) -> bool:
+        o = self.options
+        return len(self.times) >= o.max_repeats or (self.total >= o.min_run_time and len(self.times) >= o.min_repeats)
+
+    def repeat(self) -> None:
+        block = self.timer.timeit(self.number).raw_times[0]
+        self.times.append(block / self.number)
+        self.total += block
+
+    def summary(self) -> tuple[float, float, int, int]:
+        """``(median_s, iqr_s, repeats, calls_per_repeat)`` over the repeats so far."""
+        times = self.times
+        iqr = 0.0
+        if len(times) >= 2:
+            q = statistics.quantiles(times, n=4, method="inclusive")
+            iqr = q[2] - q[0]
+        return statistics.median(times), iqr, len(times), self.number
+
+
+def time_callables(
+    fns: dict[str, tuple[Callable[[], Any], float]], options: RunOptions
+) -> dict[str, tuple[float, float, int, int]]:
+    """Time several callables side by side, each already called once (``{name: (fn, first_call_s)}``).
+
+    Repeats are interleaved (one repeat of each in turn), so a change of machine load during the run affects
+    every implementation alike and their ratios stay fair.
 
     Returns:
-        ``(median_s, iqr_s, repeats, calls_per_repeat)``.
+        ``{name: (median_s, iqr_s, repeats, calls_per_repeat)}``: median and interquartile range of the time
+        per call over the repeats.
     """
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    number = max(1, math.ceil(options.block_time / max(first_call_s, 1e-9)))
-    # A second estimate after warm-up: the first call often pays one-time costs.
-    probe = timer.timeit(number).raw_times[0] / number
-    number = max(1, math.ceil(options.block_time / max(probe, 1e-9)))
-    times: list[float] = []
-    total = 0.0
-    while len(times) < options.max_repeats and (total < options.min_run_time or len(times) < options.min_repeats):
-        block = timer.timeit(number).raw_times[0]
-        times.append(block / number)
-        total += block
-    median = statistics.median(times)
-    iqr = 0.0
-    if len(times) >= 2:
-        q = statistics.quantiles(times, n=4, method="inclusive")
-        iqr = q[2] - q[0]
-    return median, iqr, len(times), number
+    timed = {name: _Timed(fn, first, options) for name, (fn, first) in fns.items()}
+    while not all(t.done for t in timed.values()):
+        for t in timed.values():
+            if not t.done:
+                t.repeat()
+    return {name: t.summary() for name, t in timed.items()}
+
+
+def time_callable(fn: Callable[[], Any], first_call_s: float, options: RunOptions) -> tuple[float, float, int, int]:
+    """Median and IQR of the per-call time of one callable; see :func:`time_callables`."""
+    return time_callables({"fn": (fn, first_call_s)}, options)["fn"]
 
 
 def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
@@ -214,7 +247,8 @@ def subprocess_peak_bytes(
     # A fixed mmap threshold: freed large blocks go back to the system instead of staying in the heap, so the
     # warm-up call does not pre-fund the measured one.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    request = json.dumps({"module": module, "case": case_index, "impl": impl, "ctx": asdict(ctx)})
+    request = json.dumps({"module": module, "case": case_index, "impl": impl, "ctx": asdict(ctx),
+                          "threads": torch.get_num_threads()})
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dualobj.bench._worker", request],
@@ -282,30 +316,58 @@ def run_case(
         result.status, result.message = ERROR, problem
         return result
     outputs: dict[str, Any] = {}
-    errors = []
-    for impl in case.impls:
-        res = ImplResult(name=impl.name, ours=impl.ours)
+    errors: list[str] = []
+    ready: dict[str, tuple[Callable[[], Any], float]] = {}
+    results: dict[str, ImplResult] = {}
+
+    def failed(res: ImplResult, exc: Exception) -> None:
+        res.status, res.reason = ERROR, _one_line(exc)
+        errors.append(f"{res.name} raised {_one_line(exc)}")
+        progress(traceback.format_exc(limit=-3).rstrip())
+
+    for impl in case.impls:  # set up every implementation and call it once (the output that is checked)
+        res = results[impl.name] = ImplResult(name=impl.name, ours=impl.ours)
         result.impls.append(res)
         if impl.available is not None:
             res.status, res.reason = UNAVAILABLE, impl.available
             progress(f"{case.name} · {impl.name}: not run ({impl.available})")
             continue
-        progress(f"{case.name} · {impl.name}")
+        progress(f"{case.name} · {impl.name}: set-up and first call")
         try:
-            _run_impl(impl, res, outputs, ctx, options, memory=options.memory and case.memory)
+            fn = impl.make()
+            start = time.perf_counter()
+            outputs[impl.name] = fn()
+            _synchronize(ctx.device)
+            ready[impl.name] = (fn, time.perf_counter() - start)
         except Exception as exc:
-            res.status, res.reason = ERROR, _one_line(exc)
-            errors.append(f"{impl.name} raised {_one_line(exc)}")
-            progress(traceback.format_exc(limit=-3).rstrip())
-            continue
-        if options.memory and case.memory and not ctx.device.startswith("cuda"):
-            progress(f"{case.name} · {impl.name}: memory (fresh process)")
-            res.peak_bytes, res.memory_note = subprocess_peak_bytes(module, index, impl.name, ctx)
+            failed(res, exc)
+    if ready:
+        progress(f"{case.name}: timing {', '.join(ready)}")
+        try:
+            for name, summary in time_callables(ready, options).items():
+                res = results[name]
+                res.median_s, res.iqr_s, res.repeats, res.calls_per_repeat = summary
+        except Exception as exc:
+            failed(ImplResult(name="timing", ours=False), exc)
+    measure = options.memory and case.memory
+    for name, (fn, _) in ready.items():
+        if not measure:
+            break
+        res = results[name]
+        try:
+            if ctx.device.startswith("cuda") and torch.cuda.is_available():
+                res.peak_bytes, res.memory_note = cuda_peak_bytes(fn), "CUDA allocator"
+            else:
+                progress(f"{case.name} · {name}: memory (fresh process)")
+                res.peak_bytes, res.memory_note = subprocess_peak_bytes(module, index, name, ctx)
+        except Exception as exc:
+            failed(res, exc)
+    ready.clear()
     if errors:
         result.status, result.message = ERROR, "; ".join(errors)
-    elif not outputs or next(r for r in result.impls if r.ours).status != OK:
+    elif results[next(i.name for i in case.impls if i.ours)].status != OK:
         result.status = SKIPPED
-        result.message = "ours did not run" if outputs else "no implementation could run here"
+        result.message = "ours cannot run here" if outputs else "no implementation can run here"
     elif case.check is not None:
         try:
             verdict = case.check(outputs)
@@ -315,21 +377,6 @@ def run_case(
             result.status, result.message = DISAGREE, str(verdict)
     result.ratios = _ratios(case, result.impls)
     return result
-
-
-def _run_impl(
-    impl: Impl, res: ImplResult, outputs: dict[str, Any], ctx: Context, options: RunOptions, *, memory: bool
-) -> None:
-    fn = impl.make()
-    start = time.perf_counter()
-    out = fn()
-    _synchronize(ctx.device)
-    first = time.perf_counter() - start
-    outputs[impl.name] = out
-    res.median_s, res.iqr_s, res.repeats, res.calls_per_repeat = time_callable(fn, first, options)
-    if memory and ctx.device.startswith("cuda") and torch.cuda.is_available():
-        res.peak_bytes = cuda_peak_bytes(fn)
-        res.memory_note = "CUDA allocator"
 
 
 def run_suite(

@@ -1,8 +1,8 @@
 """Measure one implementation's peak extra memory on the CPU, in a fresh process (``python -m``).
 
-The parent passes one JSON argument ``{"module", "case", "impl", "ctx"}``. This process builds the suite's cases,
-sets the implementation up, calls it once (one-time costs: lazy initialisation, thread pools), then resets the
-kernel's peak-RSS mark (``/proc/self/clear_refs``) and calls it again. It prints one JSON line
+The parent passes one JSON argument ``{"module", "case", "impl", "ctx", "threads"}``. This process builds the
+suite's cases, sets the implementation up, calls it once (one-time costs: lazy initialisation, thread pools),
+then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) and calls it again. It prints one JSON line
 ``{"peak_bytes": VmHWM − VmRSS before the call, "note": ...}`` or ``{"error": ...}``.
 """
 
@@ -35,8 +35,12 @@ def measure(request: dict) -> dict:
     """Run the request and return the JSON answer (see the module docstring)."""
     import importlib
 
+    import torch
+
     from dualobj.bench._core import Context
 
+    if request.get("threads"):
+        torch.set_num_threads(int(request["threads"]))
     module = importlib.import_module(request["module"])
     ctx = Context(**request["ctx"])
     case = list(module.cases(ctx))[request["case"]]
