@@ -139,7 +139,7 @@ def load_cases(suite: str, ctx: Context) -> tuple[str, str | None, list[Case]]:
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name == name:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
             return MISSING, f"no module {name} (suite not written yet)", []
         return ERROR, f"{name} failed to import: {_one_line(exc)}", []
     except Exception as exc:
