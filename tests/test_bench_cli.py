@@ -275,10 +275,14 @@ def test_info_reports_versions_device_and_backends():
     doc = json.loads(result.stdout)
     assert doc["versions"]["torch"] == torch.__version__
     assert doc["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert isinstance(doc["attention_backends"], dict)
-    assert doc["attention_backends"] or doc["attention_note"]
+    cpu = doc["attention_backends"]["cpu"]
+    assert cpu or doc["attention_note"]
+    for status in cpu.values():
+        assert set(status) == {"forward", "backward", "reason"}
+        assert (status["reason"] is None) == bool(status["forward"] and status["backward"])
     table = runner.invoke(app, ["info"])
-    assert table.exit_code == 0 and torch.__version__ in table.stdout and "attention backends" in table.stdout
+    assert table.exit_code == 0 and torch.__version__ in table.stdout
+    assert "attention backends on cpu" in table.stdout
 
 
 def test_step_suite_contract_and_one_training_step():

@@ -130,10 +130,12 @@ def register(app: typer.Typer) -> None:
 
         device = "cuda" if _cuda() else "cpu"
         vers, dev = versions(), device_info(device)
-        backends, note = attention_backends()
+        backends = {d: attention_backends(d) for d in dict.fromkeys(["cpu", device])}
         if json_out:
-            typer.echo(json.dumps({"versions": vers, "device": dev, "attention_backends": backends,
-                                   "attention_note": note}, indent=2))
+            typer.echo(json.dumps({"versions": vers, "device": dev,
+                                   "attention_backends": {d: b for d, (b, _) in backends.items()},
+                                   "attention_note": next((n for _, n in backends.values() if n), None)},
+                                  indent=2, default=str))
             return
         console = _console()
         table = Table(title="versions", title_justify="left", show_header=False)
@@ -144,14 +146,21 @@ def register(app: typer.Typer) -> None:
         for key, value in dev.items():
             table.add_row(key, str(value))
         console.print(table)
-        table = Table(title="attention backends", title_justify="left")
-        table.add_column("backend")
-        table.add_column("runs here")
-        for name, why_not in backends.items():
-            table.add_row(name, "[green]yes[/]" if why_not is None else f"[yellow]no[/]: {why_not}")
-        console.print(table)
-        if note:
-            console.print(f"[yellow]{note}[/]")
+        for where, (found, note) in backends.items():
+            table = Table(title=f"attention backends on {where}", title_justify="left")
+            for column in ("backend", "runs here", "why not"):
+                table.add_column(column)
+            for name, status in found.items():
+                if status["forward"] and status["backward"]:
+                    runs = "[green]yes[/] (training)"
+                elif status["forward"]:
+                    runs = "[yellow]forward only[/]"
+                else:
+                    runs = "[red]no[/]"
+                table.add_row(name, runs, status["reason"] or "")
+            console.print(table)
+            if note:
+                console.print(f"[yellow]{note}[/]")
 
 
 def _console(*, stderr: bool = False):

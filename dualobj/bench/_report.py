@@ -65,30 +65,29 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def attention_backends() -> tuple[dict[str, str | None], str | None]:
-    """``({backend: None if it runs here else why not}, note)`` from ``dualobj.attention.available_backends()``.
+def attention_backends(device: str = "cpu") -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Which attention backends run on ``device``, from ``dualobj.attention.available_backends(device)``.
 
-    The note is set (and the dict empty) when that function is missing or fails.
+    Returns:
+        ``({backend: {"forward": bool, "backward": bool, "reason": str | None}}, note)``; the note is set (and
+        the dict empty) when that function is missing or fails.
     """
     try:
         from dualobj.attention import available_backends
     except ImportError as exc:
         return {}, f"dualobj.attention.available_backends is not available in this build ({exc})"
     try:
-        found = available_backends()
+        found = available_backends(device)
     except Exception as exc:
         return {}, f"dualobj.attention.available_backends() raised {type(exc).__name__}: {exc}"
-    if isinstance(found, dict):
-        out: dict[str, str | None] = {}
-        for name, value in found.items():
-            if value is True or value is None:
-                out[str(name)] = None
-            elif value is False:
-                out[str(name)] = "does not run here"
-            else:
-                out[str(name)] = str(value)
-        return out, None
-    return {str(name): None for name in found}, None
+    out: dict[str, dict[str, Any]] = {}
+    for name, status in dict(found).items():
+        if isinstance(status, bool):
+            status_dict = {"forward": status, "backward": status, "reason": None if status else "does not run"}
+        else:
+            status_dict = {key: getattr(status, key, None) for key in ("forward", "backward", "reason")}
+        out[str(name)] = status_dict
+    return out, None
 
 
 def _fmt_time(seconds: float | None) -> str:
