@@ -4,10 +4,20 @@ Every function works on a whole ``[B, L]`` batch on its own device, with no Pyth
 and takes a ``generator`` so the same seed gives the same mask.
 """
 
+from dualobj.masking._corrupt import corrupt
 from dualobj.masking._maskable import maskable_positions
-from dualobj.masking._random import random_mask
+from dualobj.masking._random import ROUNDINGS, random_mask
+from dualobj.masking._span import SPAN_SCHEMES, GeometricSpans, SpanLengths, T5Spans, UniformSpans, span_mask
 
 __all__ = [
+    "ROUNDINGS",
+    "SPAN_SCHEMES",
+    "GeometricSpans",
+    "SpanLengths",
+    "T5Spans",
+    "UniformSpans",
+    "corrupt",
     "maskable_positions",
     "random_mask",
+    "span_mask",
 ]

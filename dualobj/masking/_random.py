@@ -6,6 +6,7 @@ import torch
 
 from dualobj import _random
 from dualobj._errors import check_choice, check_tensor, describe, fail
+from dualobj.masking._select import smallest_k
 
 ROUNDINGS = ("stochastic", "floor", "round", "ceil")
 
@@ -23,17 +24,20 @@ def resolve_shape(tokens_or_shape: torch.Tensor | tuple[int, int] | torch.Size) 
 
 
 def resolve_rate(rate: float | torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
-    """A ``[B]`` float32 rate on ``device`` from a number or a ``[B]`` tensor, checked to lie in [0, 1]."""
+    """A ``[B]`` float64 rate on ``device`` from a number or a ``[B]`` tensor, checked to lie in [0, 1].
+
+    Float64 keeps ``rate · n`` exact enough for ``"round"`` and ``"ceil"`` (``0.1 · 10`` is 1, not 1.0000001).
+    """
     if isinstance(rate, torch.Tensor):
         if rate.ndim == 0:
             rate = rate.reshape(1).expand(B)
         check_tensor("rate", rate, shape=(B,), floating=True)
         if not torch.compiler.is_compiling() and bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
             raise fail("rate", "values in [0, 1]", f"min {rate.min().item():.4g}, max {rate.max().item():.4g}")
-        return rate.to(device=device, dtype=torch.float32)
+        return rate.to(device=device, dtype=torch.float64)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= float(rate) <= 1.0):
         raise fail("rate", "a number in [0, 1] or a [B] tensor", describe(rate))
-    return torch.full((B,), float(rate), device=device)
+    return torch.full((B,), float(rate), device=device, dtype=torch.float64)
 
 
 def resolve_maskable(maskable: torch.Tensor | None, B: int, L: int, device: torch.device) -> torch.Tensor:
@@ -55,7 +59,7 @@ def round_counts(
     if rounding == "floor":
         return torch.floor(expected).long()
     if rounding == "ceil":
-        return torch.ceil(expected - 1e-6).long()
+        return torch.ceil(expected).long()
     return torch.round(expected).long()
 
 
@@ -92,16 +96,35 @@ def random_mask(
     (B, L), device = resolve_shape(tokens_or_shape)
     rates = resolve_rate(rate, B, device)
     allowed = resolve_maskable(maskable, B, L, device)
+    check_min_count(min_count)
+    if not exact:
+        u = _random.rand((B, L), generator=generator, device=device)
+        return (u < rates.float()[:, None]) & allowed
+    k = row_counts(rates, allowed, rounding, min_count, generator=generator)
+    return smallest_k(_random.rand((B, L), generator=generator, device=device), allowed, k)
+
+
+def check_min_count(min_count: object) -> int:
+    """Check ``min_count`` is an int >= 0."""
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
         raise fail("min_count", "an int >= 0", describe(min_count))
-    scores = _random.rand((B, L), generator=generator, device=device)
-    if not exact:
-        return (scores < rates[:, None]) & allowed
+    return min_count
+
+
+def row_counts(
+    rates: torch.Tensor,
+    allowed: torch.Tensor,
+    rounding: str,
+    min_count: int,
+    *,
+    generator: torch.Generator | None,
+    cap: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B]`` int64 counts: ``rounding(rate_b · n_b)`` clamped to ``[min(min_count, cap_b), cap_b]``.
+
+    ``n_b`` is the allowed count of row ``b``; ``cap`` defaults to ``n``.
+    """
     n = allowed.sum(dim=1)
+    cap = n if cap is None else cap
     k = round_counts(rates * n, rounding, generator=generator)
-    k = torch.minimum(k.clamp_min(min_count), n)
-    # Unmaskable positions sort last, so the k smallest scores are k distinct maskable positions.
-    scores = scores.masked_fill(~allowed, 2.0)
-    order = scores.argsort(dim=1)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
-    return rank < k[:, None]
+    return torch.minimum(k.clamp_min(min_count), cap)

@@ -1,0 +1,267 @@
+"""Span masking of whole batches: contiguous runs instead of isolated tokens.
+
+Two families, both vectorised over the batch (no Python loop over rows or tokens) and seeded by ``generator``:
+
+* Tiled spans (:class:`UniformSpans`, :class:`GeometricSpans`): each row is cut into consecutive spans whose lengths
+  are drawn independently from the length distribution (a new span also starts wherever a run of maskable positions
+  starts); spans are taken in a uniformly random order until the row's count is reached. This is how the paper's
+  predecessor (GPT-BERT) masks, with lengths uniform on {1, 2, 3}; SpanBERT draws geometric lengths.
+* T5 noise spans (:class:`T5Spans`): an exact number of noise tokens split into an exact number of non-adjacent
+  spans, as T5's ``random_spans_noise_mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dualobj import _random
+from dualobj._errors import check_choice, check_probability, describe, fail
+from dualobj.masking._random import (
+    ROUNDINGS,
+    check_min_count,
+    resolve_maskable,
+    resolve_rate,
+    resolve_shape,
+    round_counts,
+)
+from dualobj.masking._select import smallest_k
+
+
+@runtime_checkable
+class SpanLengths(Protocol):
+    """A distribution of span lengths on ``{1, ..., max_length}``.
+
+    ``pmf()`` returns the ``[max_length]`` float64 probabilities of lengths ``1..max_length`` (summing to 1).
+    ``rounding`` is the default rounding of the masked count (see :func:`span_mask`).
+    """
+
+    max_length: int
+    rounding: str
+
+    def pmf(self) -> torch.Tensor: ...
+
+
+def _check_length(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(name, "an int >= 1", describe(value))
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSpans:
+    """Span lengths uniform on ``{1, ..., max_length}`` (GPT-BERT and the paper's predecessor use ``max_length=3``).
+
+    Mean length ``(max_length + 1) / 2``.
+    """
+
+    max_length: int = 3
+    rounding: str = "stochastic"
+
+    def __post_init__(self) -> None:
+        _check_length("max_length", self.max_length)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+
+    def pmf(self) -> torch.Tensor:
+        """``[max_length]`` float64, all ``1 / max_length``."""
+        return torch.full((self.max_length,), 1.0 / self.max_length, dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometricSpans:
+    """Geometric span lengths ``P(ℓ) ∝ p (1 − p)^(ℓ − 1)`` restricted to ``{1, ..., max_length}``.
+
+    With ``renormalize=True`` (SpanBERT) the distribution is truncated at ``max_length`` and renormalised: mean
+    3.80 for ``p=0.2, max_length=10``. With ``renormalize=False`` (Megatron's T5 example) lengths are clipped, so
+    ``max_length`` takes the whole tail: mean 4.46 for the same parameters.
+
+    Args:
+        p: success probability, ``0 < p < 1``.
+        max_length: the largest span.
+        renormalize: truncate and renormalise (True) or clip (False).
+    """
+
+    p: float = 0.2
+    max_length: int = 10
+    renormalize: bool = True
+    rounding: str = "stochastic"
+
+    def __post_init__(self) -> None:
+        check_probability("p", self.p, low_open=True, high_open=True)
+        _check_length("max_length", self.max_length)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+
+    def pmf(self) -> torch.Tensor:
+        """``[max_length]`` float64 probabilities of lengths ``1..max_length``."""
+        lengths = torch.arange(self.max_length, dtype=torch.float64)
+        probs = self.p * (1.0 - self.p) ** lengths
+        if self.renormalize:
+            return probs / probs.sum()
+        probs[-1] = (1.0 - self.p) ** (self.max_length - 1)
+        return probs
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Spans:
+    """T5's span corruption: exact noise and span counts, spans never adjacent.
+
+    In a row with ``n`` maskable positions, ``N = rounding(rate · n)`` noise tokens (at most ``n − 1``; T5 uses
+    round-half-to-even, the default here) are split into ``S = max(1, round(N / mean_length))`` spans (at most
+    ``n − N``, so that non-noise runs separate them). Noise and non-noise lengths are each a uniformly random
+    composition; they alternate starting with non-noise, so the first maskable position is never noise and the
+    last always is, unless ``random_roll`` rotates the pattern by a random offset (a span may then wrap around the
+    row end and show as two runs with the same id).
+
+    Args:
+        mean_length: the mean span length μ (T5: 3).
+        random_roll: rotate each row's pattern by a uniform offset.
+        rounding: rounding of ``rate · n`` (``"round"`` as T5).
+    """
+
+    mean_length: float = 3.0
+    random_roll: bool = False
+    rounding: str = "round"
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.mean_length, (int, float)) and not isinstance(self.mean_length, bool)
+        if not ok or not self.mean_length >= 1.0:
+            raise fail("mean_length", "a number >= 1", describe(self.mean_length))
+        check_choice("rounding", self.rounding, ROUNDINGS)
+
+
+SPAN_SCHEMES: dict[str, type] = {"uniform": UniformSpans, "geometric": GeometricSpans, "t5": T5Spans}
+"""String shortcuts for ``lengths=``: each maps to the class built with its defaults."""
+
+
+def span_mask(
+    tokens_or_shape: torch.Tensor | tuple[int, int],
+    rate: float | torch.Tensor,
+    *,
+    lengths: SpanLengths | T5Spans | str = "uniform",
+    maskable: torch.Tensor | None = None,
+    rounding: str | None = None,
+    min_count: int = 0,
+    return_spans: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mask contiguous spans in every row of a batch at once.
+
+    **Count.** Exact: row ``b`` gets exactly ``k_b = rounding(rate_b · n_b)`` masked positions (``n_b`` its
+    maskable count), clamped to ``[min(min_count, n_b), n_b]`` (T5 spans: at most ``n_b − 1``).
+
+    **Tiled spans** (:class:`UniformSpans`, :class:`GeometricSpans`): the row is tiled by spans with lengths drawn
+    from ``lengths``; a span also ends where a maskable run ends (before padding, a special token or a prompt), so
+    spans never cover unmaskable positions. Spans are taken in a uniformly random order until ``k_b`` positions are
+    masked; to hit ``k_b`` exactly, the last span taken is cut to its left part, so at most one span per row is
+    shorter than drawn. Neighbouring chosen spans touch, so masked runs can be longer than ``max_length``.
+
+    **T5 spans** (:class:`T5Spans`): see that class; the spans are laid over the row's maskable positions in order
+    (contiguous whenever those positions are, e.g. with padding, leading specials or a prompt prefix).
+
+    Args:
+        tokens_or_shape: a ``[B, L]`` tensor (its shape and device are used) or a ``(B, L)`` tuple (CPU).
+        rate: a number in [0, 1] or a ``[B]`` float tensor of per-row rates.
+        lengths: a :class:`SpanLengths` (``UniformSpans``, ``GeometricSpans``), a :class:`T5Spans`, or one of
+            ``"uniform"``, ``"geometric"``, ``"t5"`` for their defaults.
+        maskable: ``[B, L]`` bool, positions allowed to be masked (all when ``None``).
+        rounding: ``"stochastic"``, ``"floor"``, ``"round"`` or ``"ceil"``; ``None`` takes ``lengths.rounding``
+            (stochastic for tiled spans, round-half-to-even for T5).
+        min_count: lower bound on the count of rows with maskable positions.
+        return_spans: also return the span ids.
+        generator: the source of randomness (see :mod:`dualobj._random`).
+
+    Returns:
+        ``[B, L]`` bool mask (``True`` = masked); with ``return_spans`` also ``[B, L]`` int64 span ids: equal ids
+        in a row mark one span, ids increase along the row, and unmasked positions get ``-1``.
+    """
+    if isinstance(lengths, str):
+        check_choice("lengths", lengths, tuple(SPAN_SCHEMES))
+        lengths = SPAN_SCHEMES[lengths]()
+    if not isinstance(lengths, (SpanLengths, T5Spans)):
+        raise fail("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name", describe(lengths))
+    (B, L), device = resolve_shape(tokens_or_shape)
+    rates = resolve_rate(rate, B, device)
+    allowed = resolve_maskable(maskable, B, L, device)
+    check_min_count(min_count)
+    rounding = lengths.rounding if rounding is None else rounding
+    check_choice("rounding", rounding, ROUNDINGS)
+    n = allowed.sum(dim=1)
+    k = round_counts(rates * n, rounding, generator=generator).clamp_min(min_count)
+    if isinstance(lengths, T5Spans):
+        mask, ids = _t5_spans(allowed, n, torch.minimum(k, (n - 1).clamp_min(0)), lengths, generator)
+    else:
+        mask, ids = _tiled_spans(allowed, torch.minimum(k, n), lengths, generator)
+    return (mask, ids.masked_fill(~mask, -1)) if return_spans else mask
+
+
+def _tiled_spans(
+    allowed: torch.Tensor, k: torch.Tensor, lengths: SpanLengths, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile each row with spans, then take whole spans in random order (the last one cut) up to ``k``."""
+    B, L = allowed.shape
+    device = allowed.device
+    i32 = torch.int32
+    cdf = lengths.pmf().cumsum(0)[:-1].to(device=device, dtype=torch.float32)
+    u = _random.rand((B, L), generator=generator, device=device)
+    span_len = torch.bucketize(u, cdf, right=True).to(i32) + 1  # inverse CDF; L spans always cover the row
+    starts = (span_len.cumsum(1, dtype=i32) - span_len).clamp_max_(L).long()
+    boundary = torch.zeros(B, L + 1, dtype=torch.bool, device=device)
+    boundary.scatter_(1, starts, True)
+    boundary = boundary[:, :L]
+    run_start = allowed.clone()
+    run_start[:, 1:] &= ~allowed[:, :-1]
+    ids = (boundary | run_start).cumsum(1, dtype=i32).long() - 1
+    scores = torch.gather(_random.rand((B, L), generator=generator, device=device), 1, ids)
+    return smallest_k(scores, allowed, k), ids
+
+
+def _compositions(
+    totals: torch.Tensor, parts: torch.Tensor, width: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniformly random compositions of ``totals[r]`` into ``parts[r]`` positive parts, as part-start markers.
+
+    Returns ``[R, width]`` bool, ``True`` at index ``i < totals[r]`` where a part starts (index 0 whenever
+    ``parts[r] >= 1``): ``parts[r] − 1`` cut points drawn without replacement from ``1..totals[r] − 1``.
+    """
+    R = totals.shape[0]
+    index = torch.arange(width, device=totals.device)
+    inner = (index >= 1) & (index < totals[:, None])
+    cuts = smallest_k(_random.rand((R, width), generator=generator, device=totals.device), inner, parts - 1)
+    return cuts | ((index == 0) & (parts[:, None] >= 1))
+
+
+def _t5_spans(
+    allowed: torch.Tensor, n: torch.Tensor, noise: torch.Tensor, spec: T5Spans, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's noise mask laid over each row's maskable positions (compacted), with noise-span ids."""
+    B, L = allowed.shape
+    device = allowed.device
+    i32 = torch.int32
+    spans = torch.round(noise.double() / spec.mean_length).long().clamp_min(1)
+    spans = torch.minimum(spans, n - noise).masked_fill_(noise == 0, 0)
+    # Both compositions in one call: rows 0..B-1 split the noise, rows B..2B-1 the non-noise tokens.
+    starts = _compositions(torch.cat([noise, n - noise]), torch.cat([spans, spans]), L, generator)
+    noise_part = starts[:B].cumsum(1, dtype=i32).long() - 1  # span of the i-th noise token
+    clean_starts = starts[B:]
+    # clean_start[p]: index among non-noise tokens where non-noise part p starts (p = spans: the total).
+    clean_start = (n - noise)[:, None].expand(B, L + 2).clone()
+    slot = torch.where(clean_starts, clean_starts.cumsum(1, dtype=i32).long() - 1, L + 1)
+    clean_start.scatter_(1, slot, torch.arange(L, device=device).expand(B, L))
+    # Noise token i follows all non-noise tokens of parts 0..noise_part[i].
+    index = torch.arange(L, device=device)
+    is_noise = index[None, :] < noise[:, None]
+    place = index[None, :] + torch.gather(clean_start, 1, (noise_part + 1).clamp(0, L + 1))
+    place = torch.where(is_noise, place, L).clamp_max_(L)
+    compact_ids = torch.full((B, L + 1), -1, dtype=torch.long, device=device)
+    compact_ids.scatter_(1, place, torch.where(is_noise, noise_part, -1))
+    compact_ids = compact_ids[:, :L]
+    if spec.random_roll:
+        offset = (_random.rand((B,), generator=generator, device=device, dtype=torch.float64) * n).long()
+        source = (index[None, :] - offset[:, None]) % n.clamp_min(1)[:, None]
+        compact_ids = torch.gather(compact_ids, 1, source)
+    # Maskable position l is the c-th maskable position of its row, c = (maskable count up to l) - 1.
+    rank = (allowed.cumsum(1, dtype=i32).long() - 1).clamp_min(0)
+    ids = torch.where(allowed, torch.gather(compact_ids, 1, rank), -1)
+    return ids >= 0, ids
