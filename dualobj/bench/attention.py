@@ -1,0 +1,156 @@
+"""The ``attention`` suite: :func:`dualobj.attention.attention` (``backend="auto"``) beside its baselines.
+
+Every implementation runs forward and backward (``torch.autograd.grad`` with a fixed upstream gradient) on the
+same ``[B, T, H, D]`` q, k, v and returns the output and the three gradients, which the check compares.
+
+Baselines:
+
+- ``naive``: ``softmax(Q·Kᵀ·scale + mask) · V`` with an additive ``-inf`` mask, written out in plain torch.
+- ``sdpa``: ``F.scaled_dot_product_attention`` called directly on transposed views: ``is_causal`` for
+  uniform causal rows, no mask for bidirectional rows, and one boolean ``[B, 1, T, T]`` mask for mixed rows or
+  packed documents (the obvious one-call way).
+
+Cases: all causal, all bidirectional, mixed (half the rows causal, AR rows first as
+``DualObjective(split="rows")`` builds them), packed documents with mixed rows, and the mixed batch against the
+all-bidirectional batch (both through ``attention``; the outputs differ by design, so that case has no check).
+Targets: ``auto`` ≤ 0.4× the time and ≤ 0.3× the extra memory of ``naive``; mixed ≤ 1.05× all-bidirectional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dualobj.bench._core import Case, Context, Impl, allclose
+
+FULL = {"batch": 8, "heads": 8, "length": 1024, "head_dim": 64}
+QUICK = {"batch": 4, "heads": 4, "length": 256, "head_dim": 64}
+
+Layout = dict[str, Any]
+
+
+def _layout(kind: str, B: int, T: int, device: str) -> Layout:
+    """``attention`` keyword arguments for one layout (``causal`` stays on the CPU, as ``Batch`` keeps it)."""
+    half = torch.arange(B) < B // 2
+    if kind == "causal":
+        return {"causal": True}
+    if kind == "bidirectional":
+        return {"causal": False}
+    if kind == "mixed":
+        return {"causal": half}
+    if kind == "documents":
+        doc = (torch.arange(T) * 4 // T).expand(B, T).contiguous()  # four equal documents per row
+        return {"causal": half, "doc_ids": doc.to(device)}
+    raise KeyError(kind)
+
+
+def _inputs(sizes: dict[str, int], ctx: Context, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    B, H, T, D = sizes["batch"], sizes["heads"], sizes["length"], sizes["head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, T, H, D, generator=g).to(ctx.device, ctx.torch_dtype) for _ in range(4))
+    return q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), grad
+
+
+def _fwd_bwd(forward: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             grad: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+    def call() -> tuple[torch.Tensor, ...]:
+        out = forward(q, k, v)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        return out.detach(), dq, dk, dv
+
+    return call
+
+
+def _mask(layout: Layout, B: int, T: int, device: str) -> torch.Tensor | None:
+    """The boolean ``[B, 1, T, T]`` mask of a layout, built here in plain torch (``None``: nothing masked)."""
+    causal = layout["causal"]
+    if causal is False and "doc_ids" not in layout:
+        return None
+    pos = torch.arange(T, device=device)
+    lower = pos[None, :] <= pos[:, None]
+    if isinstance(causal, bool):
+        rows = torch.full((B,), causal, device=device)
+    else:
+        rows = causal.to(device)
+    allowed = lower[None] | ~rows[:, None, None]
+    if "doc_ids" in layout:
+        doc = layout["doc_ids"]
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    return allowed[:, None]
+
+
+def _naive(layout: Layout, sizes: dict[str, int], ctx: Context) -> Callable[[], Any]:
+    q, k, v, grad = _inputs(sizes, ctx)
+    mask = _mask(layout, sizes["batch"], sizes["length"], ctx.device)
+    bias = None if mask is None else torch.zeros(mask.shape, device=ctx.device, dtype=q.dtype).masked_fill(
+        ~mask, float("-inf"))
+    scale = sizes["head_dim"] ** -0.5
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        scores = qt @ kt.transpose(-2, -1) * scale
+        if bias is not None:
+            scores = scores + bias
+        return (scores.softmax(dim=-1) @ vt).transpose(1, 2)
+
+    return _fwd_bwd(forward, q, k, v, grad)
+
+
+def _sdpa(layout: Layout, sizes: dict[str, int], ctx: Context) -> Callable[[], Any]:
+    q, k, v, grad = _inputs(sizes, ctx)
+    uniform = isinstance(layout["causal"], bool) and "doc_ids" not in layout
+    mask = None if uniform else _mask(layout, sizes["batch"], sizes["length"], ctx.device)
+    is_causal = layout["causal"] is True and uniform
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal).transpose(1, 2)
+
+    return _fwd_bwd(forward, q, k, v, grad)
+
+
+def _ours(layout: Layout, sizes: dict[str, int], ctx: Context, backend: str = "auto") -> Callable[[], Any]:
+    from dualobj.attention import attention
+
+    q, k, v, grad = _inputs(sizes, ctx)
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, backend=backend, **layout)
+
+    return _fwd_bwd(forward, q, k, v, grad)
+
+
+def cases(ctx: Context) -> list[Case]:
+    """Causal, bidirectional, mixed, packed-document and mixed-vs-bidirectional cases (smaller under ``quick``)."""
+    sizes = dict(QUICK if ctx.quick else FULL)
+    B, H, T, D = sizes["batch"], sizes["heads"], sizes["length"], sizes["head_dim"]
+    label = f"B{B} H{H} T{T} D{D}"
+    tol = 2e-4 if ctx.dtype == "float32" else 3e-2
+    check = allclose(rtol=tol, atol=tol)
+    layouts = {kind: _layout(kind, B, T, ctx.device) for kind in ("causal", "bidirectional", "mixed", "documents")}
+
+    def impls(kind: str) -> list[Impl]:
+        lay = layouts[kind]
+        return [
+            Impl("auto", lambda: _ours(lay, sizes, ctx), ours=True),
+            Impl("naive", lambda: _naive(lay, sizes, ctx)),
+            Impl("sdpa", lambda: _sdpa(lay, sizes, ctx)),
+        ]
+
+    common: dict[str, Any] = {"sizes": sizes, "units": B * T, "unit": "tok", "memory": True}
+    out = [
+        Case(f"{kind} {label}", impls(kind), check=check, targets={"naive": 0.4}, memory_targets={"naive": 0.3},
+             **common)
+        for kind in ("causal", "bidirectional", "mixed")
+    ]
+    out.append(Case(f"documents (4/row, mixed) {label}", impls("documents"), check=check, **common))
+    out.append(Case(
+        f"mixed vs bidirectional {label}",
+        [Impl("mixed", lambda: _ours(layouts["mixed"], sizes, ctx), ours=True),
+         Impl("bidirectional", lambda: _ours(layouts["bidirectional"], sizes, ctx))],
+        targets={"bidirectional": 1.05}, **{**common, "memory": False},
+    ))
+    return out
