@@ -8,8 +8,9 @@ Run from the repository root on a CUDA machine::
 
 1. Prints torch, CUDA, the card, and ``available_backends()`` with the reason for each backend that does not run.
 2. Checks every backend that runs against ``"math"``, forward and backward, on small shapes for the layouts
-   causal, bidirectional, mixed rows (grouped and interleaved), packed documents and prefix-LM rows, in float32
-   and bfloat16. Prints the largest differences; exits with status 1 if one is out of tolerance.
+   causal, bidirectional, mixed rows (grouped, interleaved, flags on the device), packed documents and
+   prefix-LM rows, in float32 and bfloat16. Prints the largest differences; exits with status 1 if one is out
+   of tolerance.
 3. Times forward+backward (``torch.autograd.grad`` with a fixed upstream gradient): median of ``--repeats``
    calls after ``--warmup`` calls, CUDA-synchronised, and the peak extra allocated memory of one call. Rows:
    ``auto``, each backend forced, and the direct SDPA baselines (``is_causal`` / no mask, and one boolean mask
@@ -45,6 +46,8 @@ def layout(kind: str, B: int, T: int, device: str) -> dict:
         return {"causal": half}
     if kind == "interleaved":
         return {"causal": torch.arange(B) % 2 == 0}
+    if kind == "flags-on-device":  # a causal tensor on the accelerator (copied to the host once)
+        return {"causal": (torch.arange(B) % 3 == 0).to(device)}
     if kind == "documents":
         return {"causal": half, "doc_ids": (torch.arange(T) * 4 // T).expand(B, T).contiguous().to(device)}
     if kind == "prefix":
@@ -70,7 +73,7 @@ def check(device: str, backends: list[str]) -> bool:
     print("|---|---|---|---|---|---|---|")
     for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 6e-2)):
         for name in backends:
-            for kind in ("causal", "bidirectional", "mixed", "interleaved", "documents", "prefix"):
+            for kind in ("causal", "bidirectional", "mixed", "interleaved", "flags-on-device", "documents", "prefix"):
                 if name == "xformers" and kind == "prefix":
                     continue
                 for B, T, H, D in ((4, 77, 2, 64), (2, 1, 1, 32), (3, 130, 4, 128)):
