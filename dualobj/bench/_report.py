@@ -125,7 +125,7 @@ def _fmt_ratio(value: float | None, target: float | None, met: bool | None) -> s
     text = f"{value:.2f}×"
     if target is not None:
         mark = "[green]met[/]" if met else "[yellow]missed[/]"
-        text += f" (≤ {target:g}: {mark})"
+        text += f" (≤ {target:.3g}: {mark})"
     return text
 
 
