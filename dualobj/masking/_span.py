@@ -179,7 +179,8 @@ def span_mask(
     if isinstance(lengths, str):
         check_choice("lengths", lengths, tuple(SPAN_SCHEMES))
         lengths = SPAN_SCHEMES[lengths]()
-    if not isinstance(lengths, (SpanLengths, T5Spans)):
+    tiled = not isinstance(lengths, T5Spans)
+    if tiled and not (callable(getattr(lengths, "pmf", None)) and hasattr(lengths, "rounding")):
         raise fail("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name", describe(lengths))
     (B, L), device = resolve_shape(tokens_or_shape)
     rates = resolve_rate(rate, B, device)
@@ -189,10 +190,10 @@ def span_mask(
     check_choice("rounding", rounding, ROUNDINGS)
     n = allowed.sum(dim=1)
     k = round_counts(rates * n, rounding, generator=generator).clamp_min(min_count)
-    if isinstance(lengths, T5Spans):
-        mask, ids = _t5_spans(allowed, n, torch.minimum(k, (n - 1).clamp_min(0)), lengths, generator)
-    else:
+    if tiled:
         mask, ids = _tiled_spans(allowed, torch.minimum(k, n), lengths, generator)
+    else:
+        mask, ids = _t5_spans(allowed, n, torch.minimum(k, (n - 1).clamp_min(0)), lengths, generator)
     return (mask, ids.masked_fill(~mask, -1)) if return_spans else mask
 
 
