@@ -45,12 +45,14 @@ def _sweep(
     grad_w: torch.Tensor | None = None,
     grad_b: torch.Tensor | None = None,
     correct: torch.Tensor | None = None,
+    fresh_w: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunked pass over the rows ``h [M, H]`` with labels ``y [M]`` (all labelled) and weights ``w [M]``.
 
     Returns the float32 ``ce [M]`` and ``lse [M]``. When given, ``grad_h [M, H]`` (dtype of ``h``) is overwritten
     and ``grad_w [V, H]``, ``grad_b [V]`` (float32) are accumulated with the gradients of
-    ``Σ w·(ce + z_loss·lse²)``; ``correct [M]`` (bool) receives ``argmax == y``.
+    ``Σ w·(ce + z_loss·lse²)``; ``correct [M]`` (bool) receives ``argmax == y``. With ``fresh_w`` the first chunk
+    overwrites ``grad_w`` (which may then start uninitialised) instead of adding to it.
     """
     M = h.shape[0]
     V = weight.shape[0]
@@ -63,50 +65,103 @@ def _sweep(
     c = min(chunk, M)
     logits = torch.empty(c, V, dtype=f32, device=h.device)
     raw = logits if h.dtype == f32 else torch.empty(c, V, dtype=h.dtype, device=h.device)
-    work = torch.empty(c, V, dtype=f32, device=h.device)
+    probs = torch.empty(c, V, dtype=f32, device=h.device)
     wt = weight.t()
     for start in range(0, M, c):
         stop = min(start + c, M)
-        r = stop - start
         hc, yc = h[start:stop], y[start:stop]
-        lo, rw, ls = logits[:r], raw[:r], work[:r]
+        lo, rw, p = logits[: stop - start], raw[: stop - start], probs[: stop - start]
         if bias is None:
             torch.mm(hc, wt, out=rw)
         else:
             torch.addmm(bias, hc, wt, out=rw)
         if rw is not lo:
             lo.copy_(rw)
+        top, arg = lo.max(dim=1)
         if correct is not None:
-            correct[start:stop] = lo.argmax(dim=1) == yc
-        torch.log_softmax(lo, dim=1, out=ls)
-        yi = yc.unsqueeze(1)
-        target_ls = ls.gather(1, yi).squeeze(1)
-        ce[start:stop] = -target_ls
-        lse_c = lo.gather(1, yi).squeeze(1) - target_ls
+            correct[start:stop] = arg == yc
+        torch.softmax(lo, dim=1, out=p)
+        # lse = max − log p(argmax): p(argmax) ≥ 1/V never underflows, so no second pass over the chunk.
+        lse_c = top - p.gather(1, arg.unsqueeze(1)).squeeze(1).log()
         lse[start:stop] = lse_c
+        ce[start:stop] = lse_c - lo.gather(1, yc.unsqueeze(1)).squeeze(1)
         if not grads:
             continue
-        # d/dlogits of w·(ce + z·lse²) = w·(1 + 2z·lse)·softmax − w·onehot(y)
-        wc = w[start:stop] if w is not None else torch.ones(r, dtype=f32, device=h.device)
-        row_scale = wc * (1.0 + 2.0 * z_loss * lse_c) if z_loss else wc
-        d = ls.exp_().mul_(row_scale.unsqueeze(1))
-        d.scatter_add_(1, yi, -wc.unsqueeze(1))
-        if grad_b is not None:
-            grad_b.add_(d.sum(dim=0))
-        dm = d if h.dtype == f32 else rw.copy_(d)
-        if grad_h is not None:
-            torch.mm(dm, weight, out=grad_h[start:stop])
-        if grad_w is not None:
-            if grad_w.dtype == dm.dtype:
-                grad_w.addmm_(dm.t(), hc)
-            else:
-                grad_w.add_(dm.t() @ hc)
+        # d/dlogits of w·(ce + z·lse²) = s·softmax − w·onehot(y), with s = w·(1 + 2z·lse).
+        wc = w[start:stop] if w is not None else torch.ones(stop - start, dtype=f32, device=h.device)
+        s_c = wc * (1.0 + 2.0 * z_loss * lse_c) if z_loss else wc
+        if h.dtype == f32:
+            _grads_folded(p, hc, weight, yc, wc, s_c, grad_h, grad_w, grad_b, start, fresh_w)
+        else:
+            _grads_rounded(p, rw, hc, weight, yc, wc, s_c, grad_h, grad_w, grad_b, start)
     return ce, lse
+
+
+def _grads_folded(
+    p: torch.Tensor,
+    hc: torch.Tensor,
+    weight: torch.Tensor,
+    yc: torch.Tensor,
+    wc: torch.Tensor,
+    s_c: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    start: int,
+    fresh_w: bool,
+) -> None:
+    """Full-precision inputs: the row scale ``s`` goes into the ``[chunk, H]`` side of each product and the
+    one-hot part is a row gather / scatter, so the ``[chunk, V]`` softmax ``p`` is only read by the products."""
+    if grad_b is not None:
+        grad_b.add_(p.t().mv(s_c)).index_add_(0, yc, -wc)
+    if grad_h is not None:
+        gh = torch.mm(p, weight, out=grad_h[start : start + p.shape[0]])
+        gh.mul_(s_c.unsqueeze(1)).sub_(weight.index_select(0, yc) * wc.unsqueeze(1))
+    if grad_w is not None:
+        scaled = hc * s_c.unsqueeze(1)
+        if start == 0 and fresh_w:
+            torch.mm(p.t(), scaled, out=grad_w)
+        else:
+            grad_w.addmm_(p.t(), scaled)
+        grad_w.index_add_(0, yc, hc * -wc.unsqueeze(1))
+
+
+def _grads_rounded(
+    p: torch.Tensor,
+    rw: torch.Tensor,
+    hc: torch.Tensor,
+    weight: torch.Tensor,
+    yc: torch.Tensor,
+    wc: torch.Tensor,
+    s_c: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    start: int,
+) -> None:
+    """Low-precision inputs: form ``d = s·p − w·onehot`` in float32 first (no cancellation after rounding), round
+    it once to the input dtype in ``rw`` and multiply in that dtype, as autograd on the naive graph does."""
+    d = p.mul_(s_c.unsqueeze(1))
+    d.scatter_add_(1, yc.unsqueeze(1), -wc.unsqueeze(1))
+    if grad_b is not None:
+        grad_b.add_(d.sum(dim=0))
+    dm = rw.copy_(d)
+    if grad_h is not None:
+        torch.mm(dm, weight, out=grad_h[start : start + p.shape[0]])
+    if grad_w is not None:
+        grad_w.add_(dm.t() @ hc)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs (so ``gradcheck`` works), float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight_grad_buffer(weight: torch.Tensor, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
+    """The ``[V, H]`` accumulator of the output-weight gradient: uninitialised when the sweep's first chunk
+    overwrites it (``fresh``), else zeros."""
+    make = torch.empty if fresh else torch.zeros
+    return make(weight.shape, dtype=dtype, device=weight.device)
 
 
 def _select(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
@@ -165,11 +220,12 @@ class _FusedLinearCE(torch.autograd.Function):
         need_h, need_w, need_b, need_weights = need
         build = not per_row
         grad_h = torch.empty_like(h) if build and need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if build and need_w else None
+        fresh_w = M > 0 and hidden.dtype == f32
+        grad_w = _weight_grad_buffer(weight, f32, fresh_w) if build and need_w else None
         grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if build and need_b else None
         correct = torch.zeros(M, dtype=torch.bool, device=hidden.device) if want_correct else None
         ce, lse = _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
-                         correct=correct)
+                         correct=correct, fresh_w=fresh_w)
         per = ce + z_loss * lse.square() if z_loss else ce
         weighted = per if w is None else per * w
         ce_full = _spread(ce, rows, N)
@@ -197,13 +253,18 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         need_h, need_w, need_b, need_weights = ctx.needs_input_grad[:4]
         if not ctx.per_row:
-            gh, gw, gb, per = ctx.grads
-            g = grad_out
+            if ctx.grads is None:
+                raise fail("backward", "one backward pass through linear_cross_entropy (its gradients are built in "
+                           "the forward and released by the first backward)", "a second backward (retain_graph)")
+            grads, ctx.grads = ctx.grads, None
+            gh, gw, gb, per = grads
+            # The stored gradients belong to this node alone, so they are rescaled in place (no [V, H] copy);
+            # ``per`` may share memory with the ``ce`` output, so it is not.
             return (
-                None if gh is None or not need_h else gh * g.to(gh.dtype),
-                None if gw is None or not need_w else gw * g.to(gw.dtype),
-                None if gb is None or not need_b else gb * g.to(gb.dtype),
-                None if per is None or not need_weights else per * g,
+                None if gh is None or not need_h else gh.mul_(grad_out.to(gh.dtype)),
+                None if gw is None or not need_w else gw.mul_(grad_out.to(gw.dtype)),
+                None if gb is None or not need_b else gb.mul_(grad_out.to(gb.dtype)),
+                None if per is None or not need_weights else per * grad_out,
             ) + (None,) * 7
         hidden, weight, bias, weights, labels, per_full = ctx.saved_tensors
         z_loss, ignore_index, chunk = ctx.settings
@@ -216,9 +277,10 @@ class _FusedLinearCE(torch.autograd.Function):
         w = g if weights is None else g * weights.to(acc)
         w = _gathered(w, rows)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        fresh_w = h.shape[0] > 0 and hidden.dtype == acc
+        grad_w = _weight_grad_buffer(weight, acc, fresh_w) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+        _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b, fresh_w=fresh_w)
         return (
             None if grad_h is None else _spread(grad_h, rows, N),
             None if grad_w is None else grad_w.to(weight.dtype),
