@@ -17,6 +17,7 @@ from dualobj.masking import (
     T5Spans,
     UniformSpans,
     corrupt,
+    inverse_cdf,
     maskable_positions,
     random_mask,
     span_mask,
@@ -256,6 +257,32 @@ def test_span_length_distributions_closed_forms():
     for lengths in (GeometricSpans(0.2, 10), GeometricSpans(0.2, 10, renormalize=False)):
         assert lengths.pmf().sum().item() == pytest.approx(1.0)
         assert isinstance(lengths, SpanLengths)
+
+
+@pytest.mark.parametrize("lengths", [UniformSpans(1), UniformSpans(3), GeometricSpans(0.2, 10), GeometricSpans(0.7, 3),
+                                     GeometricSpans(0.2, 10, renormalize=False)])
+def test_closed_form_lengths_equal_the_generic_inverse_cdf(lengths):
+    u = torch.rand(200_000, generator=gen(30))
+    u[:3] = torch.tensor([0.0, 0.5, 1.0 - 2**-24])
+    assert torch.equal(lengths.lengths(u), inverse_cdf(lengths.pmf(), u))
+
+
+def test_a_user_defined_span_length_distribution():
+    class TwoOrFive:
+        max_length = 5
+        rounding = "round"
+
+        def pmf(self):
+            return torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5], dtype=torch.float64)
+
+        def lengths(self, u):
+            return inverse_cdf(self.pmf(), u)
+
+    assert isinstance(TwoOrFive(), SpanLengths)
+    mask, ids = span_mask((30, 100), 1.0, lengths=TwoOrFive(), return_spans=True, generator=gen(31))
+    for row in tiles(ids, mask):
+        assert {length for _, length in row[:-1]} <= {2, 5}
+    assert (span_mask((30, 100), 0.25, lengths=TwoOrFive(), generator=gen(32)).sum(1) == 25).all()
 
 
 def tiles(ids: torch.Tensor, mask: torch.Tensor) -> list[list[tuple[int, int]]]:

@@ -7,7 +7,15 @@ and takes a ``generator`` so the same seed gives the same mask.
 from dualobj.masking._corrupt import corrupt
 from dualobj.masking._maskable import maskable_positions
 from dualobj.masking._random import ROUNDINGS, random_mask
-from dualobj.masking._span import SPAN_SCHEMES, GeometricSpans, SpanLengths, T5Spans, UniformSpans, span_mask
+from dualobj.masking._span import (
+    SPAN_SCHEMES,
+    GeometricSpans,
+    SpanLengths,
+    T5Spans,
+    UniformSpans,
+    inverse_cdf,
+    span_mask,
+)
 
 __all__ = [
     "ROUNDINGS",
@@ -17,6 +25,7 @@ __all__ = [
     "T5Spans",
     "UniformSpans",
     "corrupt",
+    "inverse_cdf",
     "maskable_positions",
     "random_mask",
     "span_mask",

@@ -81,6 +81,12 @@ def random_mask(
     (before ``min_count``). With ``exact=False`` each maskable position is masked independently with probability
     ``rate_b`` (Bernoulli; ``rounding`` and ``min_count`` do not apply).
 
+    The exact count is the ``k_b`` smallest of one uniform score per position, found by a radix selection on the
+    scores' 24-bit keys (two per-row histograms, no sort, no host synchronisation; see
+    :func:`dualobj.masking._select.smallest_k`). The count is always exactly ``k_b``; every ``k_b``-subset of the
+    maskable positions is equally likely, up to ties between equal 24-bit keys (probability about ``L / 2**24``
+    per row), which go to the leftmost position.
+
     Args:
         tokens_or_shape: a ``[B, L]`` tensor (its shape and device are used) or a ``(B, L)`` tuple (CPU).
         rate: a number in [0, 1] or a ``[B]`` float tensor of per-row rates.

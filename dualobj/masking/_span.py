@@ -13,6 +13,7 @@ Two families, both vectorised over the batch (no Python loop over rows or tokens
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,14 +35,24 @@ from dualobj.masking._select import smallest_k
 class SpanLengths(Protocol):
     """A distribution of span lengths on ``{1, ..., max_length}``.
 
-    ``pmf()`` returns the ``[max_length]`` float64 probabilities of lengths ``1..max_length`` (summing to 1).
-    ``rounding`` is the default rounding of the masked count (see :func:`span_mask`).
+    ``pmf()`` returns the ``[max_length]`` float64 probabilities of lengths ``1..max_length`` (summing to 1);
+    ``lengths(u)`` maps uniform draws ``u`` (any shape, float32 in ``[0, 1)``) to int64 lengths with that
+    distribution (an inverse CDF). ``rounding`` is the default rounding of the masked count (see
+    :func:`span_mask`). :func:`inverse_cdf` implements ``lengths`` for any ``pmf``.
     """
 
     max_length: int
     rounding: str
 
     def pmf(self) -> torch.Tensor: ...
+
+    def lengths(self, u: torch.Tensor) -> torch.Tensor: ...
+
+
+def inverse_cdf(pmf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Lengths ``1..len(pmf)`` from uniform draws ``u`` by inverting the CDF of ``pmf`` (int64, shape of ``u``)."""
+    cdf = pmf.to(device=u.device, dtype=torch.float64).cumsum(0)[:-1]
+    return torch.bucketize(u.double(), cdf, right=True) + 1
 
 
 def _check_length(name: str, value: object) -> int:
@@ -67,6 +78,10 @@ class UniformSpans:
     def pmf(self) -> torch.Tensor:
         """``[max_length]`` float64, all ``1 / max_length``."""
         return torch.full((self.max_length,), 1.0 / self.max_length, dtype=torch.float64)
+
+    def lengths(self, u: torch.Tensor) -> torch.Tensor:
+        """``floor(u · max_length) + 1``."""
+        return (u * self.max_length).long().clamp_(0, self.max_length - 1) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +116,13 @@ class GeometricSpans:
             return probs / probs.sum()
         probs[-1] = (1.0 - self.p) ** (self.max_length - 1)
         return probs
+
+    def lengths(self, u: torch.Tensor) -> torch.Tensor:
+        """Closed-form inverse CDF: ``1 + floor(log(1 − u·c) / log(1 − p))`` capped at ``max_length``, where
+        ``c = 1 − (1 − p)^max_length`` when renormalised (so the cap is never needed) and 1 when clipped."""
+        c = 1.0 - (1.0 - self.p) ** self.max_length if self.renormalize else 1.0
+        x = torch.log1p(-u.double() * c) / math.log1p(-self.p)
+        return x.long().clamp_(0, self.max_length - 1) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +226,8 @@ def _tiled_spans(
     B, L = allowed.shape
     device = allowed.device
     i32 = torch.int32
-    cdf = lengths.pmf().cumsum(0)[:-1].to(device=device, dtype=torch.float32)
-    u = _random.rand((B, L), generator=generator, device=device)
-    span_len = torch.bucketize(u, cdf, right=True).to(i32) + 1  # inverse CDF; L spans always cover the row
+    # L spans of length >= 1 always cover the row.
+    span_len = lengths.lengths(_random.rand((B, L), generator=generator, device=device)).to(i32)
     starts = (span_len.cumsum(1, dtype=i32) - span_len).clamp_max_(L).long()
     boundary = torch.zeros(B, L + 1, dtype=torch.bool, device=device)
     boundary.scatter_(1, starts, True)
