@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dualobj._errors import check_tensor, fail
+from dualobj.attention import AttentionSpec
 from dualobj.objectives import Batch
 
 
@@ -19,15 +20,15 @@ def allowed_keys(
 ) -> torch.Tensor:
     """Which key each query may attend to, per row: ``[B, L, L]`` bool (True = attend).
 
-    Query ``i`` sees key ``j`` when ``j <= i`` or the row is bidirectional (``causal[b]`` False) or ``j`` lies in the
-    row's prefix (``j < prefix_lengths[b]``: a prefix-LM row), and ``i`` and ``j`` are in one packed document.
-    This is the rule of :func:`dualobj.attention.attention`.
+    The rule of :func:`dualobj.attention.attention` (built by :class:`dualobj.attention.AttentionSpec`): query ``i``
+    sees key ``j`` when both lie in one packed document (a maximal run of equal ``doc_ids``) and the row is
+    bidirectional (``causal[b]`` False), or ``j <= i``, or ``j`` lies in the row's prefix (``j < prefix_lengths[b]``).
 
     Args:
         causal: ``[B]`` bool, per-row causality (``Batch.causal``).
         length: ``L``, the sequence length.
         doc_ids: ``[B, L]`` int document ids of packed rows.
-        prefix_lengths: ``[B]`` int; keys before this position are visible to every query of the row.
+        prefix_lengths: ``[B]`` int; in causal rows, keys before this position are visible to every query.
         padding_mask: ``[B, L]`` bool or 0/1 int, Hugging Face's 2D ``attention_mask`` (1 = real token): padded keys
             are hidden. A query always sees itself, so no row of the mask is empty.
         device: where to build the mask (default: the device of ``doc_ids``, else of ``padding_mask``, else CPU).
@@ -42,15 +43,9 @@ def allowed_keys(
     L = length
     if device is None:
         device = next((x.device for x in (doc_ids, padding_mask) if x is not None), torch.device("cpu"))
-    pos = torch.arange(L, device=device)
-    allowed = (pos[None, :, None] >= pos[None, None, :]) | ~causal.to(device)[:, None, None]  # [B, L, L]
-    if prefix_lengths is not None:
-        check_tensor("prefix_lengths", prefix_lengths, shape=(B,), integer=True)
-        allowed = allowed | (pos[None, None, :] < prefix_lengths.to(device)[:, None, None])
-    if doc_ids is not None:
-        check_tensor("doc_ids", doc_ids, shape=(B, L), integer=True)
-        doc_ids = doc_ids.to(device)
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    spec = AttentionSpec.build(B, L, causal, doc_ids, prefix_lengths, device=device)
+    allowed = spec.mask(device)
+    allowed = torch.ones(B, L, L, dtype=torch.bool, device=device) if allowed is None else allowed[:, 0]
     if padding_mask is not None:
         check_tensor("padding_mask", padding_mask, shape=(B, L))
         keep = padding_mask.to(device).bool()

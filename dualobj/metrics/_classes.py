@@ -95,11 +95,44 @@ class TokenAccuracy(_SumRatio):
         return ratio(self.numerator, self.denominator)
 
 
-class MDELBOBound(_SumRatio):
+class NLLPerToken(_SumRatio):
+    """Summed negative log-likelihood over summed tokens, from precomputed sums: ``Σ total / Σ count``.
+
+    For losses or evaluations that already reduce to a sum and a count: a :class:`~dualobj.objectives.LossOutput`
+    (``total``, ``count``), or ``nll.nats`` and ``nll.tokens`` of :func:`dualobj.evaluation.ar_nll` (pass
+    ``perplexity=True`` for the AR perplexity). The two sums are synced across processes before dividing.
+
+    Inputs of :meth:`update`: a ``LossOutput``, or ``total`` and ``count`` (scalar tensors or numbers).
+    Output of :meth:`compute`: a float32 scalar, nats per token (or its ``exp``); NaN before anything was counted.
+
+    Args:
+        perplexity: report ``exp`` of the mean.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, *, perplexity: bool = False, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.perplexity = perplexity
+
+    def update(self, total: torch.Tensor | float | LossOutput, count: torch.Tensor | float | None = None) -> None:
+        """Add one batch's ``(total, count)``."""
+        self._add(*total_count_update(total, count))
+
+    def compute(self) -> torch.Tensor:
+        """Σ total / Σ count (nats per token), or its ``exp``."""
+        out = ratio(self.numerator, self.denominator)
+        return out.exp() if self.perplexity else out
+
+
+class MDELBOBound(NLLPerToken):
     """The masked-diffusion negative-ELBO per token over every batch seen (and every process): ``Σ total / Σ count``.
 
     Inputs of :meth:`update`: a :class:`~dualobj.objectives.LossOutput` of an MD batch, or ``total`` and ``count``
-    scalars (see :func:`~dualobj.metrics.md_elbo_bound` for which settings make it the ELBO).
+    scalars (see :func:`~dualobj.metrics.md_elbo_bound` for which settings make it the ELBO; the ``nats`` and
+    ``tokens`` of :func:`dualobj.evaluation.md_elbo` qualify).
     Output of :meth:`compute`: a float32 scalar, nats per token (or its ``exp``, a perplexity bound).
 
     Args:
@@ -114,19 +147,3 @@ class MDELBOBound(_SumRatio):
         >>> float(metric.compute())
         3.0
     """
-
-    is_differentiable = False
-    higher_is_better = False
-
-    def __init__(self, *, perplexity: bool = False, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.perplexity = perplexity
-
-    def update(self, total: torch.Tensor | LossOutput, count: torch.Tensor | float | None = None) -> None:
-        """Add one batch's ``(total, count)``."""
-        self._add(*total_count_update(total, count))
-
-    def compute(self) -> torch.Tensor:
-        """Σ total / Σ count (nats per token), or its ``exp``."""
-        out = ratio(self.numerator, self.denominator)
-        return out.exp() if self.perplexity else out

@@ -64,9 +64,10 @@ def correct_update(
 
 
 def total_count_update(
-    total: torch.Tensor | LossOutput, count: torch.Tensor | float | None = None
+    total: torch.Tensor | float | LossOutput, count: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``(total, count)`` from a :class:`~dualobj.objectives.LossOutput` or from two scalars.
+    """Read ``(total, count)`` from a :class:`~dualobj.objectives.LossOutput` or from two scalars (tensors or numbers,
+    e.g. ``nll.nats`` and ``nll.tokens`` of a :mod:`dualobj.evaluation` result).
 
     Returns:
         ``(total, count)``: detached float64 scalars.
@@ -75,6 +76,8 @@ def total_count_update(
         if count is not None:
             raise fail("count", "None when total is a LossOutput (its own count is used)", count)
         total, count = total.total, total.count
+    if isinstance(total, (int, float)) and not isinstance(total, bool):
+        total = torch.tensor(float(total), dtype=torch.float64)
     check_tensor("total", total, floating=True)
     if total.numel() != 1:
         raise fail("total", "a scalar (the summed weighted cross-entropy)", f"shape {list(total.shape)}")
