@@ -1,7 +1,7 @@
 """Run benchmark suites: time every implementation, measure its memory, check agreement, compute ratios.
 
-Timing uses :class:`torch.utils.benchmark.Timer` (it synchronises the accelerator around each timed block) with
-the process's usual thread count. Each implementation is called once untimed (its output is kept for the
+Timing uses torch.utils.benchmark's clock (it synchronises the accelerator before each reading) around blocks of
+calls, with the process's usual thread count. Each implementation is called once untimed (its output is kept for the
 agreement check, and it warms caches up), then timed in repeats until both a minimum time and a minimum number of
 repeats are reached; the reported time is the median per call over the repeats.
 
@@ -12,6 +12,7 @@ size after set-up and one warm-up call.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark.utils.timer import timer as synchronized_clock
 
 from dualobj.bench._core import Case, Context
 
@@ -163,17 +164,31 @@ def _synchronize(device: str) -> None:
 
 
 class _Timed:
-    """Repeated timing of one callable with :class:`torch.utils.benchmark.Timer` (accelerator-synchronised)."""
+    """Repeated timing of one callable; each block is bracketed by torch.utils.benchmark's accelerator-synchronised
+    clock (``torch.accelerator.synchronize()`` before reading ``timeit.default_timer``)."""
 
     def __init__(self, fn: Callable[[], Any], first_call_s: float, options: RunOptions) -> None:
-        self.timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        self.fn = fn
         self.options = options
         number = max(1, math.ceil(options.block_time / max(first_call_s, 1e-9)))
         # A second estimate after the first call, which often pays one-time costs; it is a warm-up too.
-        probe = self.timer.timeit(number).raw_times[0] / number
+        probe = self._block(number) / number
         self.number = max(1, math.ceil(options.block_time / max(probe, 1e-9)))
         self.times: list[float] = []
         self.total = 0.0
+
+    def _block(self, number: int) -> float:
+        fn = self.fn
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # as timeit does: a collection inside a block is noise, not the function's cost
+        try:
+            start = synchronized_clock()
+            for _ in range(number):
+                fn()
+            return synchronized_clock() - start
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     @property
     def done(self) -> bool:
@@ -181,7 +196,7 @@ class _Timed:
         return len(self.times) >= o.max_repeats or (self.total >= o.min_run_time and len(self.times) >= o.min_repeats)
 
     def repeat(self) -> None:
-        block = self.timer.timeit(self.number).raw_times[0]
+        block = self._block(self.number)
         self.times.append(block / self.number)
         self.total += block
 
