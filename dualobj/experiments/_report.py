@@ -1,0 +1,154 @@
+"""Summaries of a grid's results: mean ± std per (R, α), the best α per R, a rich table and two plots."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+METRICS = ("ar_final", "ar_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix", "probe_md")
+"""Summarised values: held-out bits per byte (lower is better) and probe accuracies (higher is better)."""
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(record: dict) -> dict:
+    """Mean and standard deviation over seeds for every (R, α) present, and the best α per R.
+
+    Args:
+        record: the results record of :func:`dualobj.experiments.run_grid`.
+
+    Returns:
+        ``{"rows": [{"repetitions", "alpha", "seeds", "<metric>": [mean, std], "ar_rise": [...], ...}],
+        "best": {R: {"ar_final": α, "ar_min": α, "md_elbo": α}}}``, rows sorted by R then α descending.
+        ``ar_rise`` is the final minus the minimum held-out AR loss (how far the curve climbed back).
+    """
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for cell in record.get("cells", {}).values():
+        groups.setdefault((cell["repetitions"], cell["alpha"]), []).append(cell)
+    rows = []
+    for (R, alpha), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        row = {"repetitions": R, "alpha": alpha, "seeds": len(cells),
+               "unique_tokens": cells[0]["unique_tokens"]}
+        for m in METRICS:
+            if m.startswith("probe_"):
+                values = [c["probe"][m.removeprefix("probe_")] for c in cells]
+            else:
+                values = [c[m] for c in cells]
+            row[m] = list(_mean_std(values))
+        row["ar_rise"] = list(_mean_std([c["ar_final"] - c["ar_min"] for c in cells]))
+        rows.append(row)
+    best: dict[int, dict[str, float]] = {}
+    for R in sorted({r["repetitions"] for r in rows}):
+        at_r = [r for r in rows if r["repetitions"] == R]
+        best[R] = {m: min(at_r, key=lambda r, m=m: r[m][0])["alpha"] for m in ("ar_final", "ar_min", "md_elbo")}
+    return {"rows": rows, "best": best}
+
+
+def alpha_label(alpha: float) -> str:
+    """α as a short fraction where it is one (``"3/4"``, ``"1/64"``), else a decimal."""
+    for den in (1, 2, 4, 8, 16, 64, 256):
+        num = alpha * den
+        if abs(num - round(num)) < 1e-9:
+            return f"{round(num)}/{den}" if den > 1 else str(round(num))
+    return f"{alpha:.3g}"
+
+
+def render_table(summary: dict, *, title: str = "dualobj repro: held-out bits per byte (mean ± std over seeds)"):
+    """A ``rich.table.Table`` of the summary; ★ marks the best α per R (lowest mean) for each loss column."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for name, justify in (("R", "right"), ("unique", "right"), ("α", "right"), ("AR final", "right"),
+                          ("AR min", "right"), ("rise", "right"), ("MD ELBO", "right"),
+                          ("prefix / causal", "right"), ("probe ar/prefix/md", "right"), ("seeds", "right")):
+        table.add_column(name, justify=justify)
+    last_r = None
+    for row in summary["rows"]:
+        R = row["repetitions"]
+        best = summary["best"][R]
+        if last_r is not None and R != last_r:
+            table.add_section()
+        last_r = R
+
+        def cell(metric: str, row: dict = row, best: dict = best) -> str:
+            mean, std = row[metric]
+            text = f"{mean:.3f} ± {std:.3f}" if row["seeds"] > 1 else f"{mean:.3f}"
+            return f"[bold green]{text} ★[/]" if best.get(metric) == row["alpha"] else text
+
+        rise = row["ar_rise"][0]
+        probe = "/".join(f"{row[m][0]:.2f}" for m in ("probe_ar", "probe_prefix", "probe_md"))
+        table.add_row(
+            str(R), f"{row['unique_tokens'] / 1000:.0f}K", alpha_label(row["alpha"]), cell("ar_final"),
+            cell("ar_min"), f"{rise:+.3f}", cell("md_elbo"), f"{row['prefix'][0]:.3f} / {row['prefix_causal'][0]:.3f}",
+            probe, str(row["seeds"]),
+        )
+    return table
+
+
+def plot(record: dict, out: str | Path) -> list[Path]:
+    """Write ``curves.png`` (held-out AR loss over training, one line per α, one panel per R) and
+    ``final_vs_alpha.png`` (final and minimum AR loss and the MD ELBO against α, one line per R) into ``out``.
+
+    Returns:
+        The paths written (none when there are no results).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(record)
+    if not summary["rows"]:
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = list(record["cells"].values())
+    reps = sorted({c["repetitions"] for c in cells})
+    alphas = sorted({c["alpha"] for c in cells}, reverse=True)
+    cmap = plt.get_cmap("viridis")
+    color = {a: cmap(0.9 * (1 - a)) for a in alphas}
+
+    fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 3.6), squeeze=False, sharey=True)
+    for ax, R in zip(axes[0], reps):
+        for a in alphas:
+            curves = [c["curve"] for c in cells if c["repetitions"] == R and c["alpha"] == a]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            x = [curves[0][i][0] / 1e6 for i in range(n)]
+            y = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(x, y, marker=".", color=color[a], label=f"α={alpha_label(a)}")
+        ax.set_title(f"R = {R}")
+        ax.set_xlabel("training tokens (M)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out AR loss (bits/byte)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    curves_path = out / "curves.png"
+    fig.savefig(curves_path, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rcmap = plt.get_cmap("plasma")
+    for i, R in enumerate(reps):
+        rows = sorted((r for r in summary["rows"] if r["repetitions"] == R), key=lambda r: r["alpha"])
+        xs = [r["alpha"] for r in rows]
+        c = rcmap(0.85 * i / max(1, len(reps) - 1))
+        ax.errorbar(xs, [r["ar_final"][0] for r in rows], yerr=[r["ar_final"][1] for r in rows], color=c,
+                    marker="o", capsize=3, label=f"R={R} AR final")
+        ax.plot(xs, [r["ar_min"][0] for r in rows], color=c, linestyle=":", marker="x", label=f"R={R} AR min")
+        ax.plot(xs, [r["md_elbo"][0] for r in rows], color=c, linestyle="--", alpha=0.6, label=f"R={R} MD ELBO")
+    ax.set_xlabel("α (AR weight)")
+    ax.set_ylabel("held-out bits/byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=max(1, len(reps) // 2))
+    fig.tight_layout()
+    final_path = out / "final_vs_alpha.png"
+    fig.savefig(final_path, dpi=110)
+    plt.close(fig)
+    return [curves_path, final_path]
