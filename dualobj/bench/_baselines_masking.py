@@ -98,7 +98,10 @@ def sorted_exact(
 
 
 def hf_collator(tokens: torch.Tensor, vocab: int, num_special: int, seed: int) -> Callable[[], Any]:
-    """Hugging Face's MLM collator on ``B`` 1-D LongTensor rows; the callable returns the masked positions."""
+    """Hugging Face's MLM collator on ``B`` 1-D LongTensor rows; the callable returns the masked positions.
+
+    All ``num_special`` low ids are registered as special tokens, so the collator excludes them as dualobj does.
+    """
     from tokenizers import Tokenizer, models
     from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
@@ -106,7 +109,7 @@ def hf_collator(tokens: torch.Tensor, vocab: int, num_special: int, seed: int) -
     backend = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token=names[0]))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token=names[0], bos_token=names[1], eos_token=names[2], pad_token=names[3],
-        mask_token=names[4],
+        mask_token=names[4], additional_special_tokens=names[5:num_special],
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=seed, return_tensors="pt")
     features = list(tokens.cpu())

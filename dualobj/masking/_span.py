@@ -229,12 +229,12 @@ def _tiled_spans(
     # L spans of length >= 1 always cover the row.
     span_len = lengths.lengths(_random.rand((B, L), generator=generator, device=device)).to(i32)
     starts = (span_len.cumsum(1, dtype=i32) - span_len).clamp_max_(L).long()
-    boundary = torch.zeros(B, L + 1, dtype=torch.bool, device=device)
-    boundary.scatter_(1, starts, True)
-    boundary = boundary[:, :L]
+    # scatter_add_ of int32 ones is several times faster than scatter_ of a bool value on CPU.
+    boundary = torch.zeros(B, L + 1, dtype=i32, device=device)
+    boundary.scatter_add_(1, starts, torch.ones(1, 1, dtype=i32, device=device).expand(B, L))
     run_start = allowed.clone()
     run_start[:, 1:] &= ~allowed[:, :-1]
-    ids = (boundary | run_start).cumsum(1, dtype=i32).long() - 1
+    ids = boundary[:, :L].bitwise_or_(run_start).cumsum(1, dtype=i32).long() - 1
     scores = torch.gather(_random.rand((B, L), generator=generator, device=device), 1, ids)
     return smallest_k(scores, allowed, k), ids
 
