@@ -27,7 +27,7 @@ MASK_ID = 3
 NUM_SPECIAL = 4
 
 QUICK = {"batch": 8, "length": 128, "dim": 128, "layers": 2, "heads": 4, "vocab": 512}
-FULL = {"batch": 16, "length": 512, "dim": 256, "layers": 4, "heads": 8, "vocab": 4096}
+FULL = {"batch": 8, "length": 256, "dim": 256, "layers": 4, "heads": 4, "vocab": 4096}
 
 
 def _objective(kind: str) -> Any:
