@@ -246,24 +246,26 @@ class _FusedLinearCE(torch.autograd.Function):
                 per_full,
             )
         ctx.per_row = per_row
+        ctx.device_type = hidden.device.type
         ctx.mark_non_differentiable(ce_full, lse_full, correct_full)
         return out, ce_full, lse_full, correct_full
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _FusedLinearCE._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_h, need_w, need_b, need_weights = ctx.needs_input_grad[:4]
         if not ctx.per_row:
-            if ctx.grads is None:
-                raise fail("backward", "one backward pass through linear_cross_entropy (its gradients are built in "
-                           "the forward and released by the first backward)", "a second backward (retain_graph)")
-            grads, ctx.grads = ctx.grads, None
-            gh, gw, gb, per = grads
-            # The stored gradients belong to this node alone, so they are rescaled in place (no [V, H] copy);
-            # ``per`` may share memory with the ``ce`` output, so it is not.
+            gh, gw, gb, per = ctx.grads
+            # Out of place, so a retained graph can be differentiated again (gradcheck does); the copy comes after
+            # the forward's chunk buffers are freed, so it does not raise the peak.
             return (
-                None if gh is None or not need_h else gh.mul_(grad_out.to(gh.dtype)),
-                None if gw is None or not need_w else gw.mul_(grad_out.to(gw.dtype)),
-                None if gb is None or not need_b else gb.mul_(grad_out.to(gb.dtype)),
+                None if gh is None or not need_h else gh * grad_out.to(gh.dtype),
+                None if gw is None or not need_w else gw * grad_out.to(gw.dtype),
+                None if gb is None or not need_b else gb * grad_out.to(gb.dtype),
                 None if per is None or not need_weights else per * grad_out,
             ) + (None,) * 7
         hidden, weight, bias, weights, labels, per_full = ctx.saved_tensors
@@ -308,9 +310,16 @@ def _fused(
     def wants(x: torch.Tensor | None) -> bool:
         return grad_on and x is not None and x.requires_grad
 
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would have run the output layer in its low-precision dtype: do the same, explicitly.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     need = (wants(hidden), wants(weight), wants(bias), wants(weights))
-    return _FusedLinearCE.apply(hidden, weight, bias, weights, labels, float(z_loss), int(ignore_index), int(chunk),
-                                want_correct, per_row, need)
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCE.apply(hidden, weight, bias, weights, labels, float(z_loss), int(ignore_index),
+                                    int(chunk), want_correct, per_row, need)
 
 
 def _check_common(
@@ -326,14 +335,15 @@ def _check_common(
     check_tensor(head_name, weight, ndim=2, floating=True)
     if weight.shape[1] != H:
         raise fail(head_name, f"an output-layer weight of shape [V, H={H}]", f"shape {list(weight.shape)}")
-    if weight.dtype != hidden.dtype:
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if weight.dtype != hidden.dtype and not autocast:
         raise fail(head_name, f"dtype {hidden.dtype} (the dtype of hidden)", str(weight.dtype))
     if weight.device != hidden.device:
         raise fail(head_name, f"a tensor on {hidden.device} (the device of hidden)", str(weight.device))
     V = weight.shape[0]
     if bias is not None:
         check_tensor("bias", bias, shape=(V,), floating=True)
-        if bias.dtype != hidden.dtype:
+        if bias.dtype != hidden.dtype and not autocast:
             raise fail("bias", f"dtype {hidden.dtype} (the dtype of hidden)", str(bias.dtype))
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0 or math.isinf(z_loss):
         raise fail("z_loss", "a finite number >= 0", describe(z_loss))
