@@ -68,9 +68,8 @@ def corrupt(
         raise fail("vocab_range", "a (low, high) range of ordinary ids when random_p > 0", None)
     B, L = tokens.shape
     mask = mask.to(tokens.device)
-    masked = torch.full_like(tokens, mask_token_id)
     if random_p == 0.0 and keep_p == 0.0:
-        return torch.where(mask, masked, tokens)
+        return torch.where(mask, mask_token_id, tokens)
     u = _random.rand((B, L), generator=generator, device=tokens.device, dtype=torch.float64)
     choice = u
     if spans is not None:
@@ -78,10 +77,10 @@ def corrupt(
         choice = torch.gather(u, 1, spans.to(tokens.device).long().clamp(0, max(L - 1, 0)))
         # The category is per span; the random id needs a fresh draw, scaled to look like u < random_p.
         u = _random.rand((B, L), generator=generator, device=tokens.device, dtype=torch.float64) * random_p
-    out = torch.where(mask & (choice >= random_p + keep_p), masked, tokens)
+    out = torch.where(mask & (choice >= random_p + keep_p), mask_token_id, tokens)
     if random_p > 0:
         # Given u < random_p, u / random_p is uniform on [0, 1): it also picks the id.
         width = high - low
-        ids = (u * (width / random_p)).long().clamp_max_(width - 1) + low
-        out = torch.where(mask & (choice < random_p), ids.to(tokens.dtype), out)
+        ids = (u * (width / random_p)).to(tokens.dtype).clamp_max_(width - 1).add_(low)
+        out = torch.where(mask & (choice < random_p), ids, out)
     return out
