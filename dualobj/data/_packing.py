@@ -140,16 +140,20 @@ class RepeatedSubset:
             yield self.unique.rows(order[s * batch_size:(s + 1) * batch_size])
 
 
-def repetition_subset(stream: Packed, budget_tokens: int, repetitions: int) -> RepeatedSubset:
-    """The first ``budget_tokens / repetitions`` tokens of ``stream`` (whole rows), to be repeated ``R`` times.
+def repetition_subset(
+    stream: Packed, budget_tokens: int, repetitions: int, *, seed: int | None = 0
+) -> RepeatedSubset:
+    """``budget_tokens / repetitions`` tokens of ``stream`` (whole rows), to be repeated ``R`` times.
 
-    Subsets for different ``R`` are nested (a larger ``R`` takes a prefix of a smaller one's data), so the grid
-    compares repetition, not different text.
+    The rows are the first ones of a fixed random permutation of ``stream`` (``seed``), so even a small subset
+    samples many documents rather than the start of one, and subsets for different ``R`` are nested (a larger
+    ``R`` takes a prefix of a smaller one's rows): the grid compares repetition, not different text.
 
     Args:
         stream: packed training rows, at least ``budget_tokens / repetitions`` tokens.
         budget_tokens: total training tokens ``D``.
         repetitions: ``R >= 1``.
+        seed: the permutation's seed; ``None`` takes the first rows of ``stream`` in order.
 
     Raises:
         DualObjError: ``R`` or the budget is not a positive int, or the stream is too short for ``D / R``.
@@ -165,4 +169,7 @@ def repetition_subset(stream: Packed, budget_tokens: int, repetitions: int) -> R
     if rows > len(stream):
         raise fail("stream", f"at least budget/R = {rows * L} tokens of training text",
                    f"{stream.num_tokens} tokens")
-    return RepeatedSubset(stream.rows(slice(0, rows)), repetitions)
+    if seed is None:
+        return RepeatedSubset(stream.rows(slice(0, rows)), repetitions)
+    order = torch.randperm(len(stream), generator=torch.Generator().manual_seed(seed))
+    return RepeatedSubset(stream.rows(order[:rows]), repetitions)

@@ -149,18 +149,16 @@ class CellData:
 
 
 @functools.lru_cache(maxsize=2)
-def _split(data: str | None) -> tuple[Corpus, Corpus]:
-    return split_corpus(load_corpus(data))
-
-
-def cell_data(config: GridConfig, repetitions: int) -> CellData:
-    """Pack the training subset for ``R = repetitions`` and the held-out rows (cached corpus per process)."""
-    train_corpus, heldout_corpus = _split(config.data)
-    unique = max(config.seq_len, math.ceil(config.budget / repetitions))
-    train = pack(train_corpus, config.seq_len, max_tokens=unique, seed=0)
-    held_tokens = max(config.heldout_tokens, config.elbo_tokens)
-    heldout = pack(heldout_corpus, config.seq_len, max_tokens=held_tokens, seed=1)
+def _packed(data: str | None, seq_len: int, heldout_tokens: int) -> CellData:
+    train_corpus, heldout_corpus = split_corpus(load_corpus(data))
+    train = pack(train_corpus, seq_len, seed=0)
+    heldout = pack(heldout_corpus, seq_len, max_tokens=max(seq_len, heldout_tokens), seed=1)
     return CellData(train, heldout, heldout_corpus)
+
+
+def cell_data(config: GridConfig) -> CellData:
+    """The packed training stream (all training files) and held-out rows, cached per process."""
+    return _packed(config.data, config.seq_len, max(config.heldout_tokens, config.elbo_tokens))
 
 
 def _lr_lambda(steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:
@@ -194,8 +192,8 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
         ``probe`` (accuracy per mode), ``seconds`` and ``cpu_seconds``.
     """
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    data = cell_data(config, cell.repetitions)
-    subset = repetition_subset(data.train, config.budget, cell.repetitions)
+    data = cell_data(config)
+    subset = repetition_subset(data.train, config.budget, cell.repetitions, seed=0)
     torch.manual_seed(cell.seed)
     model = Transformer(config.model_config())
     tok = ByteTokenizer()
