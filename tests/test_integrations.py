@@ -182,6 +182,31 @@ def test_trainer_loss_over_accumulated_micro_batches_equals_one_loss_on_the_whol
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_trainer_evaluate_reports_the_global_nll_per_token(tmp_path):
+    from dualobj.integrations import DualObjectiveTrainer
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i]}
+
+    ids = torch.randint(4, 40, (5, 9), generator=torch.Generator().manual_seed(4))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    model = tiny_llama()
+    trainer = DualObjectiveTrainer(model=model, args=args, objective=ARObjective())
+    metrics = trainer.evaluate(Rows(ids))
+    with torch.no_grad():
+        expected = cross_entropy(model(input_ids=ids).logits, ARObjective().prepare(ids)).loss
+    # token-weighted over uneven batches (2, 2, 1 rows), unlike a mean of per-batch means
+    assert metrics["eval_nll_per_token"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_trainer_rejects_a_non_objective(tmp_path):
     from dualobj.integrations import DualObjectiveTrainer
 

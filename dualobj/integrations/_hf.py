@@ -3,6 +3,7 @@ over the whole accumulated batch and every device."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import Trainer
 
 from dualobj._errors import check_choice, describe, fail
 from dualobj.integrations._masks import additive_attention_mask
+from dualobj.metrics import NLLPerToken
 from dualobj.objectives import NORMALIZERS, Batch, LossOutput, Objective, cross_entropy
 from dualobj.objectives._distributed import batch_count
 
@@ -35,7 +37,11 @@ class DualObjectiveTrainer(Trainer):
        global), already scaled for gradient accumulation.
 
     So the accumulated gradient equals that of one ``total / N`` over the whole global batch. Outside training
-    (``evaluate``) each batch is prepared in :meth:`compute_loss` and normalised by its own count.
+    (``evaluate``) each batch is prepared in :meth:`compute_loss` and normalised by its own count, and
+    ``evaluate`` adds ``eval_nll_per_token``: ``Σ total / Σ count`` over the whole evaluation set and every
+    process (a :class:`~dualobj.metrics.NLLPerToken`), the held-out NLL per token for an ``ARObjective`` and the
+    negative-ELBO bound per token for an ``MDObjective`` (``weighting="elbo"``, ``z_loss=0``). Hugging Face's own
+    ``eval_loss`` is a mean of per-batch means.
 
     Set ``remove_unused_columns=False`` in ``TrainingArguments`` when the dataset is a ``datasets.Dataset``
     carrying ``doc_ids`` or ``prompt_lengths`` (the model's forward does not take them).
@@ -63,14 +69,18 @@ class DualObjectiveTrainer(Trainer):
         # gradient accumulation; our compute_loss never passes loss kwargs to the model.
         self.model_accepts_loss_kwargs = True
         self.last_output: LossOutput | None = None
+        self._takes_step = "step" in inspect.signature(objective.prepare).parameters
+        self._eval_metric: NLLPerToken | None = None
+        self.last_output_labels: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(int(self.args.seed) * 1009 + int(self.args.process_index))
 
     def _prepare_objective(self, inputs: dict[str, Any]) -> Batch:
         if "input_ids" not in inputs:
             raise fail("inputs", "a dict with 'input_ids' [B, L] (clean tokens)", sorted(inputs))
+        step = {"step": int(self.state.global_step)} if self._takes_step else {}
         return self.objective.prepare(
             inputs["input_ids"],
-            step=int(self.state.global_step),
+            **step,
             doc_ids=inputs.get("doc_ids"),
             prompt_lengths=inputs.get("prompt_lengths"),
             generator=self._generator,
@@ -119,6 +129,9 @@ class DualObjectiveTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         out = cross_entropy(logits, batch, z_loss=self.objective.z_loss, normalize=self.normalize)
         self.last_output = out
+        self.last_output_labels = batch.labels
+        if self._eval_metric is not None and not model.training:
+            self._eval_metric.update(out)
         if prepared_for_step:
             loss = out.total / torch.as_tensor(num_items_in_batch, device=out.total.device).clamp_min(1.0)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -126,3 +139,31 @@ class DualObjectiveTrainer(Trainer):
         else:
             loss = out.loss
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Score one evaluation batch with the objective: ``(loss, logits, labels)``, labels aligned with logits
+        (``Batch.labels``: use ``shift=False`` metrics in ``compute_metrics``)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return loss.detach(), logits.detach(), self.last_output_labels
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Run Hugging Face's loop and add ``<prefix>_nll_per_token`` (synced over processes) to its metrics."""
+        self._eval_metric = NLLPerToken().to(self.args.device)
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            output.metrics[f"{prefix}_nll_per_token"] = float(self._eval_metric.compute())
+        finally:
+            self._eval_metric = None
+        return output
