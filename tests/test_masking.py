@@ -558,3 +558,22 @@ def test_masks_trace_as_one_graph():
     traced = compiled(allowed, rates)
     for a, b in zip(eager, traced):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- bench suite
+
+
+def test_bench_suite_outputs_pass_their_checks():
+    """The masking suite's implementations (Hugging Face's aside: a slow import) keep their stated promises."""
+    from dualobj.bench import Context
+    from dualobj.bench.masking import cases
+
+    for case in cases(Context(quick=True)):
+        outputs = {impl.name: impl.make()() for impl in case.impls if impl.name != "HF collator"}
+        assert sum(impl.ours for impl in case.impls) == 1
+        assert case.check(outputs) is None, case.name
+        assert all(out.shape == (8, 256) and out.dtype == torch.bool for out in outputs.values())
+        ours = next(impl.name for impl in case.impls if impl.ours)
+        broken = outputs[ours].clone()
+        broken[:, 0] = True  # position 0 holds BOS (T5 case: a noise token more than promised)
+        assert case.check({**outputs, ours: broken}) is not None, case.name
