@@ -413,3 +413,10 @@ def test_self_attention_bad_input():
         m(torch.randn(2, 3, 8), causal=True)
     with pytest.raises(DualObjError, match=r"doc_ids: expected shape \[2, 3\]"):
         m(torch.randn(2, 3, 16), causal=True, doc_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report on a machine without CUDA")
+def test_available_backends_without_the_device():
+    status = available_backends("cuda")
+    assert not any(s.forward for s in status.values())
+    assert all(s.reason for s in status.values())

@@ -31,7 +31,7 @@ class BackendStatus:
 
 def _device_key(device: torch.device | str | None) -> torch.device:
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
@@ -42,10 +42,13 @@ def _probe(backend: Backend, device: torch.device, dtype: torch.dtype) -> Backen
         return BackendStatus(backend.name, False, False, reason)
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 2, 6, 2, 16
-    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    spec = AttentionSpec.build(
-        B, T, torch.tensor([True, False]), torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]), device=device
-    )
+    try:
+        q, k, v = (torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+        spec = AttentionSpec.build(
+            B, T, torch.tensor([True, False]), torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]), device=device
+        )
+    except Exception as exc:  # the device itself is not usable from this torch
+        return BackendStatus(backend.name, False, False, f"no {device} here: {type(exc).__name__}: {exc}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         with torch.no_grad():

@@ -24,8 +24,8 @@ from dualobj._errors import DualObjError
 from dualobj.attention._spec import AttentionSpec
 
 INSTALL_XFORMERS = (
-    "install the xformers wheel built for this torch and CUDA (pip install 'dualobj[xformers]' from the "
-    "download.pytorch.org/whl/cu<version> index that matches torch.version.cuda)"
+    "install the xformers wheel built for this torch and CUDA: pip install xformers --index-url "
+    "https://download.pytorch.org/whl/cuXYZ, with XYZ from torch.version.cuda (12.8 gives cu128)"
 )
 
 
