@@ -228,6 +228,22 @@ def test_cpu_memory_is_the_peak_rss_growth_of_a_fresh_process(suite_module, tmp_
     assert ratio["memory_met"] is False  # 4x the baseline against a target of 1x
 
 
+def test_a_crash_in_the_memory_subprocess_fails_the_run(suite_module):
+    module = suite_module("""
+    import sys
+    def only_here():
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is not None and spec.name == "dualobj.bench._worker":
+            raise RuntimeError("crashed in the worker")
+        return lambda: x.sum()
+    def cases(ctx):
+        return [Case("m", [Impl("ours", only_here, ours=True)], memory=True)]
+    """)
+    result = bench(module)
+    assert result.exit_code == EXIT_ERROR
+    assert "crashed in the worker" in result.stdout
+
+
 def test_exit_code_precedence():
     def suite(status=OK, *case_status):
         return SuiteResult("s", "m", status=status, cases=[CaseResult("c", {}, "tok", None, status=c)

@@ -253,8 +253,11 @@ def subprocess_peak_bytes(
     """Peak extra RSS of one implementation, measured in a fresh Python process.
 
     Returns:
-        ``(bytes, note)``: ``bytes`` is ``None`` when it could not be measured, and ``note`` says why (or how it
-        was measured, when only a bound was available).
+        ``(bytes, note)``: how it was measured; ``bytes`` is ``None`` (and the note says why) where this system
+        cannot report peak RSS.
+
+    Raises:
+        RuntimeError: the subprocess failed (the implementation or the suite raised there, or it timed out).
     """
     env = dict(os.environ)
     # The child sees the same modules as this process (a suite may live outside the package).
@@ -270,14 +273,14 @@ def subprocess_peak_bytes(
             capture_output=True, text=True, env=env, timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired:
-        return None, f"memory worker timed out after {timeout:.0f} s"
+        raise RuntimeError(f"memory subprocess timed out after {timeout:.0f} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"memory worker failed (exit {proc.returncode}): {tail}"
+        raise RuntimeError(f"memory subprocess failed (exit {proc.returncode}): {tail}")
     answer = json.loads(lines[-1])
     if answer.get("error"):
-        return None, f"memory worker: {answer['error']}"
+        raise RuntimeError(f"in the memory subprocess: {answer['error']}")
     return answer.get("peak_bytes"), answer.get("note")
 
 

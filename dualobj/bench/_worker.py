@@ -3,7 +3,8 @@
 The parent passes one JSON argument ``{"module", "case", "impl", "ctx", "threads"}``. This process builds the
 suite's cases, sets the implementation up, calls it once (one-time costs: lazy initialisation, thread pools),
 then resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) and calls it again. It prints one JSON line
-``{"peak_bytes": VmHWM − VmRSS before the call, "note": ...}`` or ``{"error": ...}``.
+``{"peak_bytes": VmHWM − VmRSS before the call, "note": ...}`` (``peak_bytes`` null where the system has no
+``/proc/self/status``) or ``{"error": ...}`` when the suite or the implementation raised.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def measure(request: dict) -> dict:
     try:
         before = _status_kib("VmRSS")
     except OSError as exc:
-        return {"error": f"peak RSS not readable on this system ({exc})"}
+        return {"peak_bytes": None, "note": f"not measured: peak RSS is not readable on this system ({exc})"}
     if _reset_peak():
         out = fn()
         peak = _status_kib("VmHWM")
