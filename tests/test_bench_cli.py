@@ -80,7 +80,7 @@ def bench(*args: str):
 AGREEING = """
 def cases(ctx):
     return [Case(
-        "sum 4096",
+        "sum [4096]",  # brackets are printed as they are, not read as rich markup
         [Impl("ours", ours, ours=True), Impl("loop", loop), Impl("hf", never, available="transformers missing")],
         sizes={"n": 4096}, units=4096, unit="el", check=allclose(rtol=1e-12, atol=0.0),
         targets={"loop": 1e9},
@@ -93,9 +93,9 @@ def test_agreeing_suite_exits_zero_and_writes_the_json_schema(suite_module, tmp_
     path = tmp_path / "out.json"
     result = bench(module, "--json", str(path))
     assert result.exit_code == 0, result.output
-    assert "sum 4096" in result.stdout and "agree" in result.stdout
+    assert "sum [4096]" in result.stdout and "agree" in result.stdout
     assert "not run: transformers missing" in result.stdout
-    assert "sum 4096" in result.stderr  # progress goes to stderr
+    assert "sum [4096]" in result.stderr  # progress goes to stderr
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == 1 and doc["exit_code"] == 0
     assert doc["versions"]["torch"] == torch.__version__

@@ -96,8 +96,11 @@ def register(app: typer.Typer) -> None:
         results = []
         for name in names:
             err.print(f"[bold]bench {name}[/] ({ctx.device}, {ctx.dtype}{', quick' if quick else ''})")
-            result = run_suite(name, ctx, options, select=case or (), progress=lambda m: err.print(f"  {m}",
-                                                                                                 highlight=False))
+
+            def progress(message: str) -> None:
+                err.print(f"  {message}", markup=False, highlight=False)
+
+            result = run_suite(name, ctx, options, select=case or (), progress=progress)
             err.print(f"  {name}: {'failed' if result.failed else 'ok'} in {result.seconds:.1f} s")
             results.append(result)
         render(out, results)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dualobj.bench._runner import DISAGREE, ERROR, MISSING, OK, SKIPPED, UNAVAILABLE, CaseResult, SuiteResult
@@ -134,7 +135,7 @@ _STATUS = {OK: "[green]agree[/]", DISAGREE: "[bold red]DISAGREE[/]", ERROR: "[bo
 
 def suite_table(suite: SuiteResult) -> Table:
     """One table per suite: a row per implementation; ratios are ``ours / this baseline``."""
-    table = Table(title=f"{suite.name} ({suite.module}, {suite.seconds:.1f} s)", title_justify="left")
+    table = Table(title=escape(f"{suite.name} ({suite.module}, {suite.seconds:.1f} s)"), title_justify="left")
     for column in ("case", "impl", "median", "throughput", "peak extra mem", "time ours/this", "mem ours/this",
                    "check"):
         justify = "left" if column in ("case", "impl", "check") else "right"
@@ -148,11 +149,11 @@ def suite_table(suite: SuiteResult) -> Table:
 def _case_rows(table: Table, case: CaseResult) -> None:
     ratios = {r.baseline: r for r in case.ratios}
     for i, impl in enumerate(case.impls):
-        label = f"[bold]{impl.name}[/] (ours)" if impl.ours else impl.name
+        label = f"[bold]{escape(impl.name)}[/] (ours)" if impl.ours else escape(impl.name)
         if impl.status == UNAVAILABLE:
-            cells = [f"[dim]not run: {impl.reason}[/]", "", "", "", ""]
+            cells = [f"[dim]not run: {escape(str(impl.reason))}[/]", "", "", "", ""]
         elif impl.status == ERROR:
-            cells = [f"[red]error: {impl.reason}[/]", "", "", "", ""]
+            cells = [f"[red]error: {escape(str(impl.reason))}[/]", "", "", "", ""]
         else:
             r = ratios.get(impl.name)
             median = _fmt_time(impl.median_s)
@@ -163,9 +164,10 @@ def _case_rows(table: Table, case: CaseResult) -> None:
                 _fmt_ratio(r.time, r.target, r.met) if r else "",
                 _fmt_ratio(r.memory, r.memory_target, r.memory_met) if r else "",
             ]
-        table.add_row(case.name if i == 0 else "", label, *cells, _STATUS.get(case.status, "") if i == 0 else "")
+        first = i == 0
+        table.add_row(escape(case.name) if first else "", label, *cells, _STATUS.get(case.status, "") if first else "")
     if not case.impls and case.message:
-        table.add_row(case.name, "", "", "", "", "", "", _STATUS.get(case.status, ""))
+        table.add_row(escape(case.name), "", "", "", "", "", "", _STATUS.get(case.status, ""))
 
 
 def render(console: Console, suites: list[SuiteResult]) -> None:
@@ -173,19 +175,20 @@ def render(console: Console, suites: list[SuiteResult]) -> None:
     for suite in suites:
         if suite.status != OK:
             colour = "yellow" if suite.status == MISSING else "bold red"
-            console.print(f"[{colour}]suite {suite.name}: {suite.status}[/] — {suite.message}")
+            console.print(f"[{colour}]suite {escape(suite.name)}: {suite.status}[/] — {escape(str(suite.message))}")
             continue
         if not suite.cases:
-            console.print(f"suite {suite.name}: no cases selected")
+            console.print(f"suite {escape(suite.name)}: no cases selected")
             continue
         console.print(suite_table(suite))
         for case in suite.cases:
             if case.message and case.status != OK:
                 colour = "dim" if case.status == SKIPPED else "bold red"
-                console.print(f"[{colour}]{suite.name} · {case.name}: {case.status}: {case.message}[/]")
+                console.print(f"[{colour}]{escape(f'{suite.name} · {case.name}: {case.status}: {case.message}')}[/]")
             for impl in case.impls:
                 if impl.peak_bytes is None and impl.memory_note and impl.status == OK:
-                    console.print(f"[yellow]{suite.name} · {case.name} · {impl.name}: {impl.memory_note}[/]")
+                    where = f"{suite.name} · {case.name} · {impl.name}"
+                    console.print(f"[yellow]{escape(f'{where}: {impl.memory_note}')}[/]")
 
 
 def document(suites: list[SuiteResult], options: dict[str, Any], device: str, exit_code: int) -> dict[str, Any]:
