@@ -13,8 +13,6 @@ from dualobj.evaluation._likelihood import (
     NLL,
     antithetic_times,
     ar_nll,
-    exact_counts,
-    mask_exactly,
     md_elbo,
     prefix_nll,
 )
@@ -27,8 +25,6 @@ __all__ = [
     "ar_nll",
     "choice_accuracy",
     "completion_logprobs",
-    "exact_counts",
-    "mask_exactly",
     "md_elbo",
     "next_line_probe",
     "prefix_nll",

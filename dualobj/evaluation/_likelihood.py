@@ -13,6 +13,7 @@ from dualobj import _random
 from dualobj._errors import check_tensor, describe, fail
 from dualobj.masking import random_mask
 from dualobj.objectives import ARObjective, Batch, MDObjective
+from dualobj.schedules import sample_counts
 
 LN2 = math.log(2.0)
 
@@ -163,22 +164,6 @@ def antithetic_times(n: int, samples: int, *, generator: torch.Generator | None)
     return torch.stack(rows[:samples])
 
 
-def exact_counts(maskable: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B]`` int64 ``k ~ U{1..n_b}`` with ``n_b`` the maskable count of row ``b`` (0 where ``n_b = 0``)."""
-    n = maskable.sum(dim=1)
-    u = _random.rand((maskable.shape[0],), generator=generator, device=maskable.device)
-    return torch.minimum(torch.floor(u * n).long() + 1, n)
-
-
-def mask_exactly(maskable: torch.Tensor, k: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, L]`` bool with exactly ``k_b`` positions of row ``b`` masked, uniformly among its maskable ones."""
-    B, L = maskable.shape
-    scores = _random.rand((B, L), generator=generator, device=maskable.device).masked_fill(~maskable, 2.0)
-    rank = torch.empty_like(scores, dtype=torch.long).scatter_(
-        1, scores.argsort(dim=1), torch.arange(L, device=maskable.device).expand(B, L))
-    return rank < k[:, None]
-
-
 @torch.no_grad()
 def md_elbo(
     model: nn.Module,
@@ -202,8 +187,8 @@ def md_elbo(
     - ``"antithetic"``: ``t`` per row from antithetic pairs ``(u, 1 − u)``, each maskable token masked
       independently with probability ``t`` (Bernoulli), weight ``1/t``: the continuous-time ELBO of the linear
       schedule, whose expectation is exactly the bound above.
-    - ``"exact"``: ``k ~ U{1..n}``, exactly ``k`` tokens masked, weight ``n/k`` (LLaDA's evaluation estimator;
-      lower variance at small ``n``).
+    - ``"exact"``: ``k ~ U{1..n}`` (:func:`dualobj.schedules.sample_counts`, stratified over the rows), exactly
+      ``k`` tokens masked, weight ``n/k`` (LLaDA's evaluation estimator).
 
     The evaluation draws come from a generator seeded with ``seed``, so every model is scored on the same masks.
 
@@ -242,10 +227,9 @@ def md_elbo(
                 t = times[s, start:start + x.shape[0]].to(x.device).clamp_min(1e-6)
                 mask = random_mask(x, t, exact=False, maskable=maskable, generator=gen)
             else:
-                k = exact_counts(maskable, generator=gen)
-                mask = mask_exactly(maskable, k, generator=gen)
-                n = maskable.sum(dim=1)
-                t = torch.where(n > 0, k / n.clamp_min(1), torch.ones_like(n, dtype=torch.float32)).float()
+                counts = sample_counts(maskable.sum(dim=1), antithetic=True, generator=gen)
+                mask = random_mask(x, counts.rate, exact=True, maskable=maskable, rounding="round", generator=gen)
+                t = torch.where(counts.count > 0, counts.rate, 1.0)  # weight 1/t = n/k
             a, b = _score(model, scorer.build(x, mask, t, maskable=maskable, doc_ids=d), head, scorer)
             nats += a / samples
         count += b
