@@ -123,7 +123,7 @@ def _fmt_rate(units: float | None, unit: str, seconds: float | None) -> str:
 def _fmt_ratio(value: float | None, target: float | None, met: bool | None) -> str:
     if value is None:
         return "—"
-    text = f"{value:.2f}×"
+    text = f"{value:.3g}×"
     if target is not None:
         mark = "[green]met[/]" if met else "[yellow]missed[/]"
         text += f" (≤ {target:.3g}: {mark})"
