@@ -3,19 +3,24 @@ and the metrics sync to the global values. Also runs the torchrun example's ``ma
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dualobj import DualObjError
 from dualobj.metrics import ARPerplexity, MDELBOBound, TokenAccuracy
 from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import (
@@ -75,7 +80,8 @@ def metric_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, world: int, init_file: str, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     results: dict[str, object] = {}
     model = TinyLM()
     ddp = DistributedDataParallel(model)
@@ -123,7 +129,13 @@ def ranks(tmp_path_factory) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(WORLD, str(out / "init"), port, str(out)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(WORLD, str(out / "init"), port, str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180  # a stuck collective fails the test instead of hanging the suite
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 180 s")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -182,3 +194,63 @@ def test_torchrun_example_trains_on_two_ranks_with_synced_results(ranks):
     a, b = ranks[0]["example"], ranks[1]["example"]
     assert a == b  # synced metrics: every rank reports the same global numbers
     assert all(math.isfinite(v) for v in a.values())
+
+
+# ------------------------------------------------------------------------------ single-process checks (no spawn)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 64), st.data())
+def test_rank_rule_counts_rotation_and_the_official_rule(world, data):
+    n_ar = data.draw(st.integers(0, world))
+    alpha = n_ar / world
+    d = world // math.gcd(n_ar, world)
+    a = n_ar // math.gcd(n_ar, world)
+    for epoch in range(d + 1):
+        flags = [rank_is_ar(alpha, rank=r, world_size=world, epoch=epoch) for r in range(world)]
+        assert sum(flags) == n_ar  # exactly α·W AR ranks at every step
+        for r in range(world):
+            # the official code: masked when (epoch + r) % den < num, num/den = 1 - α; the same rotation, started
+            # d - a epochs later
+            official_md = (epoch + (d - a) + r) % d < d - a
+            assert flags[r] == (not official_md)
+    for r in range(world):  # over any d consecutive epochs a shard is AR exactly a times
+        start = data.draw(st.integers(0, 50))
+        assert sum(rank_is_ar(alpha, rank=r, world_size=world, epoch=e) for e in range(start, start + d)) == a
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 0.3, "rank": 0, "world_size": 4, "epoch": 0}, "alpha: expected a multiple of 1/world_size"),
+        ({"alpha": 1.5, "rank": 0, "world_size": 4, "epoch": 0}, r"alpha: expected a number in \[0, 1\]"),
+        ({"alpha": 0.5, "rank": 4, "world_size": 4, "epoch": 0}, r"rank: expected an int in \[0, world_size=4\)"),
+        ({"alpha": 0.5, "rank": 0, "world_size": 0, "epoch": 0}, "world_size: expected an int >= 1"),
+        ({"alpha": 0.5, "rank": 0, "world_size": 2, "epoch": -1}, "epoch: expected an int >= 0"),
+    ],
+)
+def test_rank_rule_rejects_bad_input(kwargs, match):
+    alpha = kwargs.pop("alpha")
+    with pytest.raises(DualObjError, match=match):
+        rank_is_ar(alpha, **kwargs)
+
+
+def test_normalisation_helpers_without_torch_distributed():
+    batches = [prepared(0, 0, world=WORLD), prepared(1, 0, world=WORLD)]
+    expected = sum(float(b.valid_mask().sum()) for b in batches)
+    assert float(batch_count(batches)) == expected
+    assert float(batch_count(batches[0], "positions")) == 20.0
+    assert float(global_count(3.0)) == 3.0
+    logits = torch.randn(2, 10, V, requires_grad=True)
+    out = cross_entropy(logits, batches[0])
+    torch.testing.assert_close(global_loss(out), out.loss)  # one process: the local mean
+    torch.testing.assert_close(global_loss(out, count=torch.tensor(expected)), out.total / expected)
+    torch.testing.assert_close(global_loss(out, count=torch.tensor(0.0), reduced=True), out.total * 0 + out.total)
+    with pytest.raises(DualObjError, match="output: expected a LossOutput"):
+        global_loss(out.loss)
+    with pytest.raises(DualObjError, match="batches: expected a Batch"):
+        batch_count([])
+    with pytest.raises(DualObjError, match="normalize"):
+        batch_count(batches, "tokens")
+    with pytest.raises(DualObjError, match="count: expected a scalar"):
+        global_count(torch.ones(2))
