@@ -46,8 +46,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=128,
+        attn_implementation="sdpa",  # "eager" takes the same 4D additive mask
     )
-    config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
 
 

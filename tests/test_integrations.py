@@ -104,8 +104,8 @@ transformers = pytest.importorskip("transformers")  # a test extra; the rest of 
 def tiny_llama(attn: str = "eager"):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    config._attn_implementation = attn
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation=attn)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -121,6 +121,7 @@ def test_hf_causal_lm_loss_equals_ours_on_the_same_logits():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_llama_with_our_mask_is_causal_or_bidirectional_per_row_and_keeps_documents_apart(attn):
     model = tiny_llama(attn)
+    assert model.config._attn_implementation == attn
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(4, 40, (2, 8), generator=g)
     doc_ids = torch.tensor([[0] * 8, [0, 0, 0, 0, 1, 1, 1, 1]])
@@ -157,12 +158,14 @@ def test_trainer_loss_over_accumulated_micro_batches_equals_one_loss_on_the_whol
     trainer = example.build_trainer(str(tmp_path), steps=1, alpha=0.5, accumulation=2)
     model = trainer.model
     g = torch.Generator().manual_seed(3)
-    micro = [{"input_ids": torch.randint(4, 256, (3, 16), generator=g)},
-             {"input_ids": torch.randint(4, 256, (2, 16), generator=g)}]
+    docs = torch.tensor([0] * 7 + [1] * 9)  # packed rows: two documents each
+    micro = [{"input_ids": torch.randint(4, 256, (3, 16), generator=g), "doc_ids": docs.repeat(3, 1)},
+             {"input_ids": torch.randint(4, 256, (2, 16), generator=g), "doc_ids": docs.repeat(2, 1)}]
     micro[1]["input_ids"][1, 9:] = 0  # rows of different lengths of scored targets are fine
     samples, count = trainer.get_batch_samples(iter(micro), 2, trainer.args.device)
     batches = [s["dualobj_batch"] for s in samples]
     assert float(count) == float(batch_count(batches))
+    assert all(b.doc_ids is not None for b in batches)
     model.zero_grad()
     total = 0.0
     for s in samples:

@@ -24,7 +24,9 @@ class DualObjectiveTrainer(Trainer):
     """A ``transformers.Trainer`` that trains on a dualobj objective (AR, MD or the dual mix).
 
     The dataset yields dicts with ``input_ids`` ``[B, L]`` (clean tokens) and optionally ``doc_ids`` ``[B, L]``,
-    ``prompt_lengths`` ``[B]`` and a 2D ``attention_mask`` (padding). For every optimizer step the trainer
+    ``prompt_lengths`` ``[B]`` (context that is never a target or masked), ``prefix_lengths`` ``[B]`` (a
+    bidirectional prefix in causal rows: prefix-LM attention) and a 2D ``attention_mask`` (padding). For every
+    optimizer step the trainer
 
     1. fetches the step's micro-batches and runs ``objective.prepare`` on each (masks are drawn here, with a
        generator seeded from ``args.seed`` and the process index);
@@ -122,7 +124,7 @@ class DualObjectiveTrainer(Trainer):
         mask = additive_attention_mask(
             batch,
             dtype=dtype,
-            prefix_lengths=inputs.get("prompt_lengths"),
+            prefix_lengths=inputs.get("prefix_lengths"),
             padding_mask=inputs.get("attention_mask"),
         )
         outputs = model(input_ids=batch.input_ids, attention_mask=mask)
