@@ -4,7 +4,7 @@ from dualobj.objectives._ar import ARObjective
 from dualobj.objectives._base import Objective
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, cross_entropy
-from dualobj.objectives._distributed import global_count, global_loss
+from dualobj.objectives._distributed import batch_count, global_count, global_loss
 from dualobj.objectives._dual import SPLITS, DualObjective, rank_is_ar
 from dualobj.objectives._fused import linear_cross_entropy
 from dualobj.objectives._md import WEIGHTINGS, MDObjective
@@ -20,6 +20,7 @@ __all__ = [
     "LossOutput",
     "MDObjective",
     "Objective",
+    "batch_count",
     "cross_entropy",
     "global_count",
     "global_loss",
