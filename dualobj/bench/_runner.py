@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class RunOptions:
         block_time: a repeat runs the callable enough times to last about this long (keeps timer overhead small
             for microsecond-scale calls).
         memory: measure peak extra memory for cases that ask for it.
+        memory_workers: CPU memory subprocesses run at once (each reports its own peak RSS, so running them
+            side by side only shortens the wait; it needs that many set-ups' worth of RAM).
     """
 
     min_run_time: float = 1.0
@@ -52,12 +55,14 @@ class RunOptions:
     max_repeats: int = 200
     block_time: float = 0.02
     memory: bool = True
+    memory_workers: int = 2
 
     @classmethod
     def for_context(cls, ctx: Context, *, memory: bool = True) -> RunOptions:
         """The defaults for ``ctx``: shorter runs under ``ctx.quick``."""
         if ctx.quick:
-            return cls(min_run_time=0.15, min_repeats=3, max_repeats=50, block_time=0.01, memory=memory)
+            return cls(min_run_time=0.15, min_repeats=3, max_repeats=50, block_time=0.01, memory=memory,
+                       memory_workers=max(1, os.cpu_count() or 1))
         return cls(memory=memory)
 
 
@@ -367,19 +372,27 @@ def run_case(
                 res.median_s, res.iqr_s, res.repeats, res.calls_per_repeat = summary
         except Exception as exc:
             failed(ImplResult(name="timing", ours=False), exc)
-    measure = options.memory and case.memory
-    for name, (fn, _) in ready.items():
-        if not measure:
-            break
-        res = results[name]
-        try:
-            if ctx.device.startswith("cuda") and torch.cuda.is_available():
-                res.peak_bytes, res.memory_note = cuda_peak_bytes(fn), "CUDA allocator"
-            else:
-                progress(f"{case.name} · {name}: memory (fresh process)")
-                res.peak_bytes, res.memory_note = subprocess_peak_bytes(module, index, name, ctx)
-        except Exception as exc:
-            failed(res, exc)
+    if options.memory and case.memory and ready:
+        on_cuda = ctx.device.startswith("cuda") and torch.cuda.is_available()
+        if on_cuda:
+            for name, (fn, _) in ready.items():
+                try:
+                    results[name].peak_bytes, results[name].memory_note = cuda_peak_bytes(fn), "CUDA allocator"
+                except Exception as exc:
+                    failed(results[name], exc)
+        else:
+            ready.clear()  # free this process's set-ups before the subprocesses allocate theirs
+            names = [r.name for r in result.impls if r.status == OK]
+            progress(f"{case.name}: memory of {', '.join(names)} (a fresh process each)")
+            # Each subprocess's peak RSS is its own, so running them side by side does not change the figures.
+            workers = max(1, min(len(names), options.memory_workers))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = {name: pool.submit(subprocess_peak_bytes, module, index, name, ctx) for name in names}
+            for name, future in futures.items():
+                try:
+                    results[name].peak_bytes, results[name].memory_note = future.result()
+                except Exception as exc:
+                    failed(results[name], exc)
     ready.clear()
     if errors:
         result.status, result.message = ERROR, "; ".join(errors)
