@@ -19,6 +19,9 @@ from dualobj._errors import check_choice, check_tensor, describe, fail
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, check_batch_against, finish
 
+_HAS_NATIVE = hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+"""torch >= 2.13 has its own chunked linear cross-entropy (used where it does exactly our job; see the docs)."""
+
 REDUCTIONS = ("sum", "mean", "none")
 """``linear_cross_entropy`` reductions: the weighted sum, that sum over the labelled count, or one value per row."""
 
@@ -322,6 +325,38 @@ def _fused(
                                     int(chunk), want_correct, per_row, need)
 
 
+def _native_does_it(
+    hidden: torch.Tensor, weights: torch.Tensor | None, z_loss: float, reduction: str, return_accuracy: bool
+) -> bool:
+    """Whether torch's own chunked ``F.linear_cross_entropy`` (torch >= 2.13) computes exactly what was asked:
+    no per-token weights, no z-loss, a scalar reduction, no accuracy, float32 or lower outside autocast."""
+    return (
+        _HAS_NATIVE
+        and weights is None
+        and not z_loss
+        and reduction != "none"
+        and not return_accuracy
+        and hidden.dtype != torch.float64
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
+@torch.compiler.disable
+def _native_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    chunk: int,
+) -> torch.Tensor:
+    """The unweighted CE sum through torch's chunked op (which also builds its gradients in the forward)."""
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+    total = torch.nn.functional.linear_cross_entropy(hidden, weight, labels, linear_bias=bias, reduction="sum",
+                                                     ignore_index=ignore_index, options=options)
+    return total.float()
+
+
 def _check_common(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -388,7 +423,9 @@ def linear_cross_entropy(
     forward and the backward only rescales them (no second pass over the vocabulary). Double backward is not
     supported. The CE, the log-sum-exp and the gradient of the logits are computed in float32 whatever the input
     dtype; the matrix products run in the input dtype. Inside ``torch.compile`` the function runs eagerly (it is
-    wrapped in ``torch.compiler.disable``: the row selection is data-dependent).
+    wrapped in ``torch.compiler.disable``: the row selection is data-dependent). Without weights, z-loss or
+    accuracy, with a scalar reduction, torch's own chunked ``F.linear_cross_entropy`` (torch >= 2.13) does exactly
+    this job and is used instead.
 
     Args:
         hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
@@ -426,8 +463,11 @@ def linear_cross_entropy(
     check_choice("reduction", reduction, REDUCTIONS)
     chunk = _check_common(hidden, weight, bias, z_loss, chunk_size)
     _check_label_values(labels, weight.shape[0], ignore_index)
-    out, _, _, correct = _fused(hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk,
-                                return_accuracy, reduction == "none")
+    if _native_does_it(hidden, weights, z_loss, reduction, return_accuracy):
+        out = _native_sum(hidden, weight, labels, bias, ignore_index, chunk)
+    else:
+        out, _, _, correct = _fused(hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk,
+                                    return_accuracy, reduction == "none")
     count = (labels != ignore_index).sum(dtype=torch.float32)
     if reduction == "mean":
         out = out / count.clamp_min(1.0)
