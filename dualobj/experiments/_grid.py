@@ -122,7 +122,7 @@ PRESETS: dict[str, GridConfig] = {
     ),
 }
 """Named grids: ``"quick"`` (the few-minute check of the paper's finding at R = 32) and ``"paper"`` (the paper's
-α set on five repetition levels; about an hour on two CPU cores)."""
+α set on five repetition levels; about 40 minutes on two idle CPU cores)."""
 
 
 @dataclass(frozen=True)
