@@ -79,6 +79,8 @@ def register(app: typer.Typer) -> None:
         )
 
         console = Console(stderr=as_json)
+        if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each
+            console.width = max(console.width, 140)
         try:
             name = "quick" if quick else grid
             if name not in PRESETS:

@@ -11,7 +11,10 @@ known in the backward), so it runs the sweep again there.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -190,6 +193,21 @@ def _spread(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Te
     return out.index_copy_(0, rows, values)
 
 
+def _outside_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, built on the first call: building it imports ``torch._dynamo``, which
+    would add over a second to ``import dualobj``."""
+    built: dict[str, Callable[..., Any]] = {}
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        disabled = built.get("fn")
+        if disabled is None:
+            disabled = built["fn"] = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """``Σ_labelled w·(ce + z·lse²)`` (``per_row=False``) or its per-row values (``per_row=True``).
 
@@ -294,7 +312,7 @@ class _FusedLinearCE(torch.autograd.Function):
         ) + (None,) * 7
 
 
-@torch.compiler.disable
+@_outside_compile
 def _fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -341,7 +359,7 @@ def _native_does_it(
     )
 
 
-@torch.compiler.disable
+@_outside_compile
 def _native_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
