@@ -26,12 +26,6 @@ from dualobj.objectives import MDObjective
 V = 12  # ids 0..3 special, 4..11 "bytes"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,6 @@ from dualobj.objectives._fused import default_chunk_size, score_hidden
 MASK = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate (and vary) on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed: int) -> torch.Generator:

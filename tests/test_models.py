@@ -11,16 +11,6 @@ from dualobj import DualObjError
 from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import ARObjective, DualObjective, MDObjective
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = TransformerConfig(vocab_size=24, dim=32, layers=2, heads=4, max_len=64)
 
 

@@ -7,7 +7,6 @@ import json
 import statistics
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dualobj import DualObjError
@@ -24,14 +23,6 @@ from dualobj.experiments import (
     summarize,
     write_json_atomic,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
