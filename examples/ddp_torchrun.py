@@ -82,8 +82,6 @@ def main(steps: int = 10, batch_size: int = 4, length: int = 64) -> dict[str, fl
     result = {"train_loss": float(train_loss.compute()), "ar_perplexity": float(perplexity.compute())}
     if rank == 0:
         print(f"world={world} alpha={alpha}", result)
-    if distributed:
-        dist.destroy_process_group()
     return result
 
 
@@ -91,3 +89,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     main(parser.parse_args().steps)
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()

@@ -120,7 +120,11 @@ def _worker(rank: int, world: int, init_file: str, port: int, out_dir: str) -> N
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     results["example"] = example.main(steps=2, batch_size=2, length=32)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    torch.save(results, path + ".tmp")
+    os.replace(path + ".tmp", path)  # the fixture reads a file only once it is complete
+    dist.barrier()  # rank 0 hosts the example's store: keep it up until every rank has saved
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +134,24 @@ def ranks(tmp_path_factory) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.spawn(_worker, args=(WORLD, str(out / "init"), port, str(out)), nprocs=WORLD, join=False)
+    files = [out / f"rank{r}.pt" for r in range(WORLD)]
     deadline = time.monotonic() + 180  # a stuck collective fails the test instead of hanging the suite
-    while not context.join(timeout=1):
+    # Wait for the results, not for the processes' exit: gloo's threads can make interpreter shutdown slow.
+    while not all(f.exists() for f in files):
+        if context.join(timeout=1):  # every worker exited: with results missing, one of them failed
+            break
         if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 180 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            break
+    grace = time.monotonic() + 20
+    while any(p.is_alive() for p in context.processes) and time.monotonic() < grace:
+        time.sleep(0.1)
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        pytest.fail(f"the two gloo processes did not write {missing} within 180 s")
+    return [torch.load(f, weights_only=False) for f in files]
 
 
 def single_process(batches: list[Batch]) -> tuple[torch.Tensor, list[torch.Tensor]]:
