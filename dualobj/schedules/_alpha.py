@@ -63,8 +63,8 @@ class Constant:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Linear:
-    """Linear interpolation from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`linear`)."""
+class _Ramp:
+    """A move from ``start`` to ``end`` over ``[begin, begin + steps]``; subclasses give its shape."""
 
     start: float
     end: float
@@ -76,6 +76,11 @@ class Linear:
         object.__setattr__(self, "end", check_probability("end", self.end))
         _check_steps("steps", self.steps)
         _check_steps("begin", self.begin, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Linear(_Ramp):
+    """Linear interpolation from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`linear`)."""
 
     def __call__(self, step: int) -> float:
         p = _progress(check_step(step), self.begin, self.steps)
@@ -86,19 +91,8 @@ class Linear:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Cosine:
+class Cosine(_Ramp):
     """Half-cosine from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`cosine`)."""
-
-    start: float
-    end: float
-    steps: int
-    begin: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "start", check_probability("start", self.start))
-        object.__setattr__(self, "end", check_probability("end", self.end))
-        _check_steps("steps", self.steps)
-        _check_steps("begin", self.begin, allow_zero=True)
 
     def __call__(self, step: int) -> float:
         p = _progress(check_step(step), self.begin, self.steps)
