@@ -22,7 +22,7 @@ from dualobj.masking import (
     random_mask,
     span_mask,
 )
-from dualobj.masking._select import smallest_k
+from dualobj.masking._select import EXCLUDED, random_keys, smallest_k
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -73,23 +73,42 @@ def batches(draw, max_b: int = 6, max_l: int = 40):
 
 
 @FAST
-@given(batches(), st.integers(0, 4), st.data())
-def test_smallest_k_matches_a_stable_sort(case, coarse, data):
+@given(batches(), st.sampled_from([0, 1, 3, 4097, 1 << 24]), st.data())
+def test_smallest_k_matches_a_stable_sort(case, distinct, data):
     allowed, _, seed = case
     B, L = allowed.shape
     g = gen(seed)
-    scores = torch.rand(B, L, generator=g)
-    if coarse:  # many equal keys: ties must go leftmost first
-        scores = torch.floor(scores * coarse) / (coarse + 1)
+    keys = random_keys((B, L), generator=g, device="cpu")
+    if distinct < 1 << 24:  # few distinct keys (some one digit apart): ties must go leftmost first
+        keys = torch.randint(0, max(distinct, 1), (B, L), generator=g) * ((1 << 24) // max(distinct, 1))
+    keys = keys.masked_fill(~allowed, EXCLUDED)
     k = torch.tensor(data.draw(st.lists(st.integers(0, L + 2), min_size=B, max_size=B)))
-    got = smallest_k(scores.clone(), allowed, k)
-    keys = torch.floor(scores.double() * 2**24)
+    got = smallest_k(keys.clone(), k)
     for b in range(B):
         order = sorted((int(keys[b, i]), i) for i in range(L) if allowed[b, i])
         want = torch.zeros(L, dtype=torch.bool)
         for _, i in order[: int(k[b])]:
             want[i] = True
         assert torch.equal(got[b], want)
+
+
+def test_smallest_k_finds_thresholds_in_every_digit():
+    # One row per threshold position: the k-th smallest key sits in the first, a middle and the last bucket of
+    # both digits, so both two-level searches are exercised at their edges.
+    thresholds = [0, 1, 63, 64, 4095, 4096, (1 << 24) - 1, 0x7FF03F, 0x800FC0]
+    L = 50
+    keys = torch.full((len(thresholds), L), (1 << 24) - 1, dtype=torch.long)
+    for row, t in enumerate(thresholds):
+        keys[row, :10] = torch.arange(10) * 0 + max(t - 1, 0) * (t > 0)
+        keys[row, 10] = t
+    keys[:, 11:] = torch.where(keys[:, 11:] < keys[:, 10:11], keys[:, 10:11], keys[:, 11:])
+    k = torch.full((len(thresholds),), 11)
+    got = smallest_k(keys.clone(), k)
+    for row in range(len(thresholds)):
+        order = sorted((int(keys[row, i]), i) for i in range(L))
+        want = torch.zeros(L, dtype=torch.bool)
+        want[[i for _, i in order[:11]]] = True
+        assert torch.equal(got[row], want), thresholds[row]
 
 
 # ----------------------------------------------------------------------------------------------- random_mask
@@ -363,6 +382,51 @@ def test_spans_restart_at_unmaskable_positions():
                 assert row[left] != row[right]
 
 
+def test_rows_are_tiled_to_the_end_even_when_the_pmf_understates_the_span_count():
+    """On the host span_mask first draws about L / mean lengths; lengths shorter than the pmf promises must still
+    tile every row (the rest of the draws is taken), so rate 1 masks everything and ids count every position."""
+
+    class ClaimsThreeDrawsOne:
+        max_length = 3
+        rounding = "floor"
+
+        def pmf(self):
+            return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+
+        def lengths(self, u):
+            return torch.ones_like(u, dtype=torch.long)
+
+    mask, ids = span_mask((4, 90), 1.0, lengths=ClaimsThreeDrawsOne(), return_spans=True, generator=gen(13))
+    assert mask.all()
+    assert torch.equal(ids, torch.arange(90).expand(4, 90))
+    assert (span_mask((4, 90), 0.5, lengths=ClaimsThreeDrawsOne(), generator=gen(14)).sum(1) == 45).all()
+
+
+def test_pieces_of_a_span_around_unmaskable_positions_go_together():
+    class Three:  # every span has length 3, so the tiling is known: [0, 3), [3, 6), ...
+        max_length = 3
+        rounding = "stochastic"
+
+        def pmf(self):
+            return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+
+        def lengths(self, u):
+            return inverse_cdf(self.pmf(), u)
+
+    B, L = 300, 60
+    allowed = torch.ones(B, L, dtype=torch.bool)
+    allowed[:, 1::3] = False  # the middle of every span: each span is two pieces
+    mask, ids = span_mask(allowed.shape, 0.3, lengths=Three(), maskable=allowed, return_spans=True,
+                          generator=gen(12))
+    assert not (mask & ~allowed).any()
+    left, right = mask[:, 0::3], mask[:, 2::3]
+    assert not (right & ~left).any()  # a right piece is never taken without its left piece
+    assert ((left & ~right).sum(1) <= 1).all()  # only the cut span is taken in part
+    assert (left & right).any()
+    both = left & right
+    assert (ids[:, 0::3][both] != ids[:, 2::3][both]).all()  # but the pieces have their own ids
+
+
 # ----------------------------------------------------------------------------------------------- T5 spans
 
 
@@ -541,23 +605,29 @@ def test_bad_input_names_the_argument(call, argument):
 
 def test_masks_trace_as_one_graph():
     """No host sync or data-dependent branch: the masks trace with fullgraph=True (global RNG: dynamo does not take
-    a Generator argument)."""
+    a Generator argument). Traced, tiled spans draw a full row of lengths and keys (eager CPU code draws only what
+    the row needs), so that mask is held to its invariants; the others must equal eager."""
     allowed = torch.ones(3, 32, dtype=torch.bool)
     allowed[:, 0] = False
     rates = torch.tensor([0.1, 0.5, 0.9])
 
     def fn(allowed, rates):
         return (random_mask(allowed, rates, maskable=allowed),
-                span_mask(allowed, rates, maskable=allowed),
-                span_mask(allowed, rates, lengths="t5", maskable=allowed))
+                span_mask(allowed, rates, lengths="t5", maskable=allowed),
+                span_mask(allowed, rates, maskable=allowed, return_spans=True))
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     torch.manual_seed(0)
     eager = fn(allowed, rates)
     torch.manual_seed(0)
     traced = compiled(allowed, rates)
-    for a, b in zip(eager, traced):
+    for a, b in zip(eager[:2], traced[:2]):
         assert torch.equal(a, b)
+    mask, ids = traced[2]
+    assert not (mask & ~allowed).any()
+    counts = mask.sum(1)
+    assert ((counts >= (rates * 31).floor()) & (counts <= (rates * 31).ceil())).all()
+    assert torch.equal(ids >= 0, mask)
 
 
 # ----------------------------------------------------------------------------------------------- bench suite

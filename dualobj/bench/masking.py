@@ -172,7 +172,7 @@ def cases(ctx: Context) -> list[Case]:
              [Impl("dualobj", lambda: _ours_span(torch.full_like(tokens, NUM_SPECIAL), 0.15, T5Spans(3.0), ctx),
                    ours=True),
               Impl("T5 numpy per row", lambda: lambda: base.t5_loop((B, L), 0.15, 3.0, rng))],
-             check=_t5_check(B, L), targets={"T5 numpy per row": 1 / 3}, **common),
+             check=_t5_check(B, L), **common),
     ]
 
 

@@ -31,21 +31,26 @@ def maskable_positions(
     """
     check_tensor("tokens", tokens, ndim=2, integer=True)
     B, L = tokens.shape
-    out = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    conditions = []
     if special_ids is not None:
         ids = torch.as_tensor(special_ids, device=tokens.device).reshape(-1)
         if ids.is_floating_point():
             raise fail("special_ids", "integer ids", describe(special_ids))
         if ids.numel():
-            out &= ~torch.isin(tokens, ids)
+            conditions.append(~torch.isin(tokens, ids))
     if num_special is not None:
         if isinstance(num_special, bool) or not isinstance(num_special, int) or num_special < 0:
             raise fail("num_special", "an int >= 0", describe(num_special))
-        out &= tokens >= num_special
+        conditions.append(tokens >= num_special)
     if pad_id is not None:
-        out &= tokens != pad_id
+        conditions.append(tokens != pad_id)
     if prompt_lengths is not None:
         check_tensor("prompt_lengths", prompt_lengths, shape=(B,), integer=True)
         positions = torch.arange(L, device=tokens.device)
-        out &= positions[None, :] >= prompt_lengths.to(tokens.device)[:, None]
+        conditions.append(positions[None, :] >= prompt_lengths.to(tokens.device)[:, None])
+    if not conditions:
+        return torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    out = conditions[0]
+    for condition in conditions[1:]:
+        out &= condition
     return out

@@ -6,7 +6,7 @@ import torch
 
 from dualobj import _random
 from dualobj._errors import check_choice, check_tensor, describe, fail
-from dualobj.masking._select import smallest_k
+from dualobj.masking._select import EXCLUDED, random_keys, smallest_k
 
 ROUNDINGS = ("stochastic", "floor", "round", "ceil")
 
@@ -81,8 +81,8 @@ def random_mask(
     (before ``min_count``). With ``exact=False`` each maskable position is masked independently with probability
     ``rate_b`` (Bernoulli; ``rounding`` and ``min_count`` do not apply).
 
-    The exact count is the ``k_b`` smallest of one uniform score per position, found by a radix selection on the
-    scores' 24-bit keys (two per-row histograms, no sort, no host synchronisation; see
+    The exact count is the ``k_b`` smallest of one uniform 24-bit key per position, found by a radix selection
+    (two per-row histograms, no sort, no host synchronisation on an accelerator; see
     :func:`dualobj.masking._select.smallest_k`). The count is always exactly ``k_b``; every ``k_b``-subset of the
     maskable positions is equally likely, up to ties between equal 24-bit keys (probability about ``L / 2**24``
     per row), which go to the leftmost position.
@@ -107,7 +107,8 @@ def random_mask(
         u = _random.rand((B, L), generator=generator, device=device)
         return (u < rates.float()[:, None]) & allowed
     k = row_counts(rates, allowed, rounding, min_count, generator=generator)
-    return smallest_k(_random.rand((B, L), generator=generator, device=device), allowed, k)
+    keys = random_keys((B, L), generator=generator, device=device).masked_fill_(~allowed, EXCLUDED)
+    return smallest_k(keys, k)
 
 
 def check_min_count(min_count: object) -> int:

@@ -28,7 +28,7 @@ from dualobj.masking._random import (
     resolve_shape,
     round_counts,
 )
-from dualobj.masking._select import smallest_k
+from dualobj.masking._select import EXCLUDED, random_keys, smallest_k
 
 
 @runtime_checkable
@@ -39,6 +39,10 @@ class SpanLengths(Protocol):
     ``lengths(u)`` maps uniform draws ``u`` (any shape, float32 in ``[0, 1)``) to int64 lengths with that
     distribution (an inverse CDF). ``rounding`` is the default rounding of the masked count (see
     :func:`span_mask`). :func:`inverse_cdf` implements ``lengths`` for any ``pmf``.
+
+    A distribution may also define ``sample(shape, *, generator, device)`` returning int64 lengths drawn directly;
+    :func:`span_mask` then uses it instead of ``lengths`` of uniform draws (:class:`UniformSpans` does, with one
+    ``randint``).
     """
 
     max_length: int
@@ -82,6 +86,12 @@ class UniformSpans:
     def lengths(self, u: torch.Tensor) -> torch.Tensor:
         """``floor(u · max_length) + 1``."""
         return (u * self.max_length).long().clamp_(0, self.max_length - 1) + 1
+
+    def sample(
+        self, shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device | str
+    ) -> torch.Tensor:
+        """Lengths drawn directly as uniform integers (what :func:`span_mask` uses: one pass, no inverse CDF)."""
+        return _random.randint(1, self.max_length + 1, shape, generator=generator, device=device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +184,11 @@ def span_mask(
     maskable count), clamped to ``[min(min_count, n_b), n_b]`` (T5 spans: at most ``n_b − 1``).
 
     **Tiled spans** (:class:`UniformSpans`, :class:`GeometricSpans`): the row is tiled by spans with lengths drawn
-    from ``lengths``; a span also ends where a maskable run ends (before padding, a special token or a prompt), so
-    spans never cover unmaskable positions. Spans are taken in a uniformly random order until ``k_b`` positions are
-    masked; to hit ``k_b`` exactly, the last span taken is cut to its left part, so at most one span per row is
-    shorter than drawn. Neighbouring chosen spans touch, so masked runs can be longer than ``max_length``.
+    from ``lengths``, and spans are taken in a uniformly random order until ``k_b`` positions are masked; to hit
+    ``k_b`` exactly, the last span taken is cut to its left part, so at most one span per row is shorter than
+    drawn. Unmaskable positions (padding, special tokens, a prompt) are never masked: where they fall inside a span,
+    its maskable pieces are taken or left together (as in the paper's code), and ``return_spans`` gives each piece
+    its own id. Neighbouring chosen spans touch, so masked runs can be longer than ``max_length``.
 
     **T5 spans** (:class:`T5Spans`): see that class; the spans are laid over the row's maskable positions in order
     (contiguous whenever those positions are, e.g. with padding, leading specials or a prompt prefix).
@@ -213,30 +224,75 @@ def span_mask(
     n = allowed.sum(dim=1)
     k = round_counts(rates * n, rounding, generator=generator).clamp_min(min_count)
     if tiled:
-        mask, ids = _tiled_spans(allowed, torch.minimum(k, n), lengths, generator)
+        mask, ids = _tiled_spans(allowed, torch.minimum(k, n), lengths, generator, return_spans)
     else:
         mask, ids = _t5_spans(allowed, n, torch.minimum(k, (n - 1).clamp_min(0)), lengths, generator)
-    return (mask, ids.masked_fill(~mask, -1)) if return_spans else mask
+    return (mask, ids) if return_spans else mask
+
+
+def _tiling_draws(lengths: SpanLengths, B: int, L: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """``[B, N]`` int64 span lengths whose running sum reaches ``L`` in every row, on the draw device.
+
+    On the host, only about ``L / mean`` lengths are drawn (six standard deviations of the number of spans a row
+    needs, plus a margin), and the rest of ``L`` only if some row is not covered yet; that check costs nothing
+    there. Elsewhere (and under ``torch.compile``) ``L`` lengths are drawn, which always cover the row, so nothing
+    synchronises.
+    """
+    draw_device = _random.draw_device(generator, device)
+
+    def draw(n: int) -> torch.Tensor:
+        sample = getattr(lengths, "sample", None)
+        if callable(sample):
+            return sample((B, n), generator=generator, device=draw_device)
+        return lengths.lengths(_random.rand((B, n), generator=generator, device=draw_device))
+
+    if draw_device.type != "cpu" or torch.compiler.is_compiling():
+        return draw(L)
+    pmf = lengths.pmf().detach().to("cpu", torch.float64)
+    support = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
+    mean = float((pmf * support).sum())
+    if not mean >= 1.0:  # not a distribution on {1, 2, ...}: draw the bound
+        return draw(L)
+    var = max(float((pmf * support**2).sum()) - mean**2, 0.0)
+    first = min(L, math.ceil(L / mean + 6.0 * math.sqrt(L * var / mean**3)) + 8)
+    span_len = draw(first)
+    if first < L and bool((span_len.sum(1) < L).any()):
+        span_len = torch.cat([span_len, draw(L - first)], dim=1)
+    return span_len
 
 
 def _tiled_spans(
-    allowed: torch.Tensor, k: torch.Tensor, lengths: SpanLengths, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile each row with spans, then take whole spans in random order (the last one cut) up to ``k``."""
+    allowed: torch.Tensor, k: torch.Tensor, lengths: SpanLengths, generator: torch.Generator | None,
+    return_spans: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tile each row with spans, then take whole spans in random order (the last one cut) up to ``k``.
+
+    Returns the mask and, with ``return_spans``, the span ids (``-1`` where not masked).
+    """
     B, L = allowed.shape
     device = allowed.device
-    i32 = torch.int32
-    # L spans of length >= 1 always cover the row.
-    span_len = lengths.lengths(_random.rand((B, L), generator=generator, device=device)).to(i32)
-    starts = (span_len.cumsum(1, dtype=i32) - span_len).clamp_max_(L).long()
-    # scatter_add_ of int32 ones is several times faster than scatter_ of a bool value on CPU.
-    boundary = torch.zeros(B, L + 1, dtype=i32, device=device)
-    boundary.scatter_add_(1, starts, torch.ones(1, 1, dtype=i32, device=device).expand(B, L))
+    span_len = _tiling_draws(lengths, B, L, generator, device)
+    starts = span_len.cumsum(1).sub_(span_len).clamp_max_(L)  # where each span starts (L: past the row end)
+    # The number of spans that start inside a row: read on the host for free, else bounded by L.
+    on_host = starts.device.type == "cpu" and B > 0 and not torch.compiler.is_compiling()
+    spans = int((starts < L).sum(1).max()) if on_host else L
+    starts = starts.to(device, non_blocking=True)
+    # scatter_add_ of int16 ones is several times faster than scatter_ of a bool value on CPU.
+    boundary = torch.zeros(B, L + 1, dtype=torch.int16, device=device)
+    boundary.scatter_add_(1, starts, torch.ones(starts.shape, dtype=torch.int16, device=device))
+    tile = boundary[:, :L].cumsum(1)  # int64 span number of each position, from 1
+    # One key per span, shared by its positions: taking the k smallest keys takes whole spans in key order, and
+    # equal keys go leftmost first, so the span at the threshold is cut to its left part.
+    keys = torch.gather(random_keys((B, spans + 1), generator=generator, device=device), 1, tile)
+    mask = smallest_k(keys.masked_fill_(~allowed, EXCLUDED), k)
+    if not return_spans:
+        return mask, None
+    # Pieces of a span separated by unmaskable positions get their own ids.
     run_start = allowed.clone()
     run_start[:, 1:] &= ~allowed[:, :-1]
-    ids = boundary[:, :L].bitwise_or_(run_start).cumsum(1, dtype=i32).long() - 1
-    scores = torch.gather(_random.rand((B, L), generator=generator, device=device), 1, ids)
-    return smallest_k(scores, allowed, k), ids
+    ids = boundary[:, :L].bitwise_or_(run_start).cumsum(1).sub_(1)
+    return mask, ids.masked_fill_(~mask, -1)
 
 
 def _compositions(
@@ -250,7 +306,8 @@ def _compositions(
     R = totals.shape[0]
     index = torch.arange(width, device=totals.device)
     inner = (index >= 1) & (index < totals[:, None])
-    cuts = smallest_k(_random.rand((R, width), generator=generator, device=totals.device), inner, parts - 1)
+    keys = random_keys((R, width), generator=generator, device=totals.device).masked_fill_(~inner, EXCLUDED)
+    cuts = smallest_k(keys, parts - 1)
     return cuts | ((index == 0) & (parts[:, None] >= 1))
 
 
