@@ -35,7 +35,9 @@ def randint(
     *,
     generator: torch.Generator | None,
     device: torch.device | str,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """Integer draws in [low, high) of ``shape`` on ``device``, made on the generator's device."""
-    out = torch.randint(low, high, tuple(shape), generator=generator, device=draw_device(generator, device))
+    """Integer draws in [low, high) of ``shape`` and ``dtype`` on ``device``, made on the generator's device."""
+    out = torch.randint(low, high, tuple(shape), generator=generator, device=draw_device(generator, device),
+                        dtype=dtype)
     return out.to(device, non_blocking=True)

@@ -28,8 +28,8 @@ _BLOCK = 64  # 2**12 buckets searched as 64 blocks of 64
 def random_keys(
     shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device | str
 ) -> torch.Tensor:
-    """Independent uniform int64 keys in ``[0, 2**KEY_BITS)`` of ``shape`` on ``device``."""
-    return _random.randint(0, 1 << KEY_BITS, shape, generator=generator, device=device)
+    """Independent uniform int32 keys in ``[0, 2**KEY_BITS)`` of ``shape`` on ``device``."""
+    return _random.randint(0, 1 << KEY_BITS, shape, generator=generator, device=device, dtype=torch.int32)
 
 
 def _bucket_of(hist: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def _bucket_of(hist: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, to
     return block * _BLOCK + bucket, need
 
 
-def smallest_k(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def smallest_k(keys: torch.Tensor, k: torch.Tensor, *, work: torch.Tensor | None = None) -> torch.Tensor:
     """Mark, in each row, the ``k_b`` positions with the smallest keys; :data:`EXCLUDED` keys are never marked.
 
     Equal keys go leftmost first. For independent uniform keys a tie at the threshold has probability about
@@ -59,8 +59,9 @@ def smallest_k(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     all practical purposes; the count is always exact.
 
     Args:
-        keys: ``[B, L]`` int64 in ``[0, 2**24]`` (``2**24`` = :data:`EXCLUDED`).
+        keys: ``[B, L]`` int32 or int64 in ``[0, 2**24]`` (``2**24`` = :data:`EXCLUDED`).
         k: ``[B]`` integer counts (clamped to ``[0, number of keys that are not excluded]``).
+        work: an optional ``[B, L]`` int64 tensor the selection may overwrite (it saves allocating one).
 
     Returns:
         ``[B, L]`` bool with exactly ``min(k_b, n_b)`` marked positions in row ``b``.
@@ -70,7 +71,10 @@ def smallest_k(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     i32 = torch.int32
     # Counts never exceed L; int16 histograms halve the memory the passes touch.
     count = torch.int16 if L < 1 << 15 else i32
-    high = keys >> _LOW_BITS  # EXCLUDED keys land in the extra bucket 4096
+    # EXCLUDED keys land in the extra bucket 4096. Scatter indices are int64; the buffer is reused below.
+    if work is None:
+        work = torch.empty(B, L, dtype=torch.long, device=device)
+    high = torch.bitwise_right_shift(keys, _LOW_BITS, out=work)
     hist = torch.zeros(B, (1 << _HIGH_BITS) + 1, dtype=count, device=device)
     hist.scatter_add_(1, high, torch.ones(B, L, dtype=count, device=device))
     available = (L - hist[:, -1:].to(i32)).clamp_min_(0)
@@ -82,13 +86,13 @@ def smallest_k(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     hist = hist[:, : 1 << _LOW_BITS].zero_()
     hist.scatter_add_(1, low, inside)
     j_low, need = _bucket_of(hist, need)
-    threshold = (j_high << _LOW_BITS) | j_low
-    # Rows with nothing to take get a threshold below every key.
-    threshold = threshold.masked_fill_(need == 0, -1)
+    # Rows with nothing to take get a threshold below every key (in the keys' dtype: no promoted copies).
+    threshold = ((j_high << _LOW_BITS) | j_low).masked_fill_(need == 0, -1).to(keys.dtype)
     tied_count = torch.gather(hist, 1, j_low).masked_fill_(need == 0, 0)
     if device.type == "cpu" and not torch.compiler.is_compiling() and bool((tied_count <= need).all()):
         # Every key equal to a row's threshold is taken (the common case): no tie pass. On the host this check
         # costs nothing; elsewhere the general form below avoids a synchronisation.
         return keys <= threshold
     tied = keys == threshold
-    return (keys < threshold) | (tied & (tied.cumsum(1, dtype=count) <= need))
+    mask = keys < threshold
+    return mask.bitwise_or_(tied.bitwise_and_(tied.cumsum(1, dtype=count) <= need))

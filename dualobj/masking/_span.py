@@ -285,7 +285,7 @@ def _tiled_spans(
     # One key per span, shared by its positions: taking the k smallest keys takes whole spans in key order, and
     # equal keys go leftmost first, so the span at the threshold is cut to its left part.
     keys = torch.gather(random_keys((B, spans + 1), generator=generator, device=device), 1, tile)
-    mask = smallest_k(keys.masked_fill_(~allowed, EXCLUDED), k)
+    mask = smallest_k(keys.masked_fill_(~allowed, EXCLUDED), k, work=tile)  # tile is not needed any more
     if not return_spans:
         return mask, None
     # Pieces of a span separated by unmaskable positions get their own ids.
