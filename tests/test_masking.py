@@ -402,6 +402,26 @@ def test_rows_are_tiled_to_the_end_even_when_the_pmf_understates_the_span_count(
     assert (span_mask((4, 90), 0.5, lengths=ClaimsThreeDrawsOne(), generator=gen(14)).sum(1) == 45).all()
 
 
+@pytest.mark.parametrize("bad", ["float", "zero", "shape"])
+def test_span_lengths_that_are_not_positive_integers_are_rejected(bad):
+    class Bad:
+        max_length = 3
+        rounding = "floor"
+
+        def pmf(self):
+            return torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+
+        def lengths(self, u):
+            if bad == "float":
+                return u * 3
+            if bad == "zero":
+                return torch.zeros_like(u, dtype=torch.long)
+            return torch.ones(u.shape[0], dtype=torch.long)
+
+    with pytest.raises(DualObjError, match="lengths"):
+        span_mask((2, 16), 0.5, lengths=Bad(), generator=gen(15))
+
+
 def test_pieces_of_a_span_around_unmaskable_positions_go_together():
     class Three:  # every span has length 3, so the tiling is known: [0, 3), [3, 6), ...
         max_length = 3

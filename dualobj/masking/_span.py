@@ -244,8 +244,16 @@ def _tiling_draws(lengths: SpanLengths, B: int, L: int, generator: torch.Generat
     def draw(n: int) -> torch.Tensor:
         sample = getattr(lengths, "sample", None)
         if callable(sample):
-            return sample((B, n), generator=generator, device=draw_device)
-        return lengths.lengths(_random.rand((B, n), generator=generator, device=draw_device))
+            out = sample((B, n), generator=generator, device=draw_device)
+        else:
+            out = lengths.lengths(_random.rand((B, n), generator=generator, device=draw_device))
+        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == (B, n) and not out.is_floating_point()
+        ok = ok and out.dtype != torch.bool
+        if ok and out.device.type == "cpu" and out.numel() and not torch.compiler.is_compiling():
+            ok = bool(out.min() >= 1)
+        if not ok:
+            raise fail("lengths", f"span lengths as a [{B}, {n}] integer tensor of values >= 1", describe(out))
+        return out.long()
 
     if draw_device.type != "cpu" or torch.compiler.is_compiling():
         return draw(L)
