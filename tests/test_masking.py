@@ -382,61 +382,47 @@ def test_spans_restart_at_unmaskable_positions():
                 assert row[left] != row[right]
 
 
+def custom_lengths(probs: list[float], lengths=None, rounding: str = "stochastic"):
+    """A user-defined SpanLengths with the pmf ``probs``; ``lengths(u)`` defaults to its inverse CDF."""
+    table = torch.tensor(probs, dtype=torch.float64)
+    draw = (lambda u: inverse_cdf(table, u)) if lengths is None else lengths
+
+    class Custom:
+        max_length = len(probs)
+
+        def pmf(self):
+            return table.clone()
+
+        def lengths(self, u):
+            return draw(u)
+
+    Custom.rounding = rounding
+    return Custom()
+
+
 def test_rows_are_tiled_to_the_end_even_when_the_pmf_understates_the_span_count():
     """On the host span_mask first draws about L / mean lengths; lengths shorter than the pmf promises must still
     tile every row (the rest of the draws is taken), so rate 1 masks everything and ids count every position."""
-
-    class ClaimsThreeDrawsOne:
-        max_length = 3
-        rounding = "floor"
-
-        def pmf(self):
-            return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-
-        def lengths(self, u):
-            return torch.ones_like(u, dtype=torch.long)
-
-    mask, ids = span_mask((4, 90), 1.0, lengths=ClaimsThreeDrawsOne(), return_spans=True, generator=gen(13))
+    claims_three_draws_one = custom_lengths([0.0, 0.0, 1.0], lambda u: torch.ones_like(u, dtype=torch.long), "floor")
+    mask, ids = span_mask((4, 90), 1.0, lengths=claims_three_draws_one, return_spans=True, generator=gen(13))
     assert mask.all()
     assert torch.equal(ids, torch.arange(90).expand(4, 90))
-    assert (span_mask((4, 90), 0.5, lengths=ClaimsThreeDrawsOne(), generator=gen(14)).sum(1) == 45).all()
+    assert (span_mask((4, 90), 0.5, lengths=claims_three_draws_one, generator=gen(14)).sum(1) == 45).all()
 
 
-@pytest.mark.parametrize("bad", ["float", "zero", "shape"])
+@pytest.mark.parametrize("bad", [lambda u: u * 3, lambda u: torch.zeros_like(u, dtype=torch.long),
+                                 lambda u: torch.ones(u.shape[0], dtype=torch.long)], ids=["float", "zero", "shape"])
 def test_span_lengths_that_are_not_positive_integers_are_rejected(bad):
-    class Bad:
-        max_length = 3
-        rounding = "floor"
-
-        def pmf(self):
-            return torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
-
-        def lengths(self, u):
-            if bad == "float":
-                return u * 3
-            if bad == "zero":
-                return torch.zeros_like(u, dtype=torch.long)
-            return torch.ones(u.shape[0], dtype=torch.long)
-
     with pytest.raises(DualObjError, match="lengths"):
-        span_mask((2, 16), 0.5, lengths=Bad(), generator=gen(15))
+        span_mask((2, 16), 0.5, lengths=custom_lengths([0.5, 0.25, 0.25], bad), generator=gen(15))
 
 
 def test_pieces_of_a_span_around_unmaskable_positions_go_together():
-    class Three:  # every span has length 3, so the tiling is known: [0, 3), [3, 6), ...
-        max_length = 3
-        rounding = "stochastic"
-
-        def pmf(self):
-            return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-
-        def lengths(self, u):
-            return inverse_cdf(self.pmf(), u)
-
+    three = custom_lengths([0.0, 0.0, 1.0])  # every span has length 3, so the tiling is known: [0, 3), [3, 6), ...
     B, L = 300, 60
     allowed = torch.ones(B, L, dtype=torch.bool)
     allowed[:, 1::3] = False  # the middle of every span: each span is two pieces
-    mask, ids = span_mask(allowed.shape, 0.3, lengths=Three(), maskable=allowed, return_spans=True,
+    mask, ids = span_mask(allowed.shape, 0.3, lengths=three, maskable=allowed, return_spans=True,
                           generator=gen(12))
     assert not (mask & ~allowed).any()
     left, right = mask[:, 0::3], mask[:, 2::3]
