@@ -325,30 +325,33 @@ def _t5_spans(
     """T5's noise mask laid over each row's maskable positions (compacted), with noise-span ids."""
     B, L = allowed.shape
     device = allowed.device
-    i32 = torch.int32
     spans = torch.round(noise.double() / spec.mean_length).long().clamp_min(1)
     spans = torch.minimum(spans, n - noise).masked_fill_(noise == 0, 0)
-    # Both compositions in one call: rows 0..B-1 split the noise, rows B..2B-1 the non-noise tokens.
-    starts = _compositions(torch.cat([noise, n - noise]), torch.cat([spans, spans]), L, generator)
-    noise_part = starts[:B].cumsum(1, dtype=i32).long() - 1  # span of the i-th noise token
-    clean_starts = starts[B:]
+    clean = n - noise
+    # The compositions need only as many columns as the largest total: read on the host for free, else L.
+    on_host = device.type == "cpu" and B > 0 and not torch.compiler.is_compiling()
+    wn = max(int(noise.max()), 1) if on_host else max(L, 1)
+    wc = max(int(clean.max()), 1) if on_host else max(L, 1)
+    noise_part = _compositions(noise, spans, wn, generator).cumsum(1).sub_(1)  # span of the i-th noise token
+    clean_starts = _compositions(clean, spans, wc, generator)
     # clean_start[p]: index among non-noise tokens where non-noise part p starts (p = spans: the total).
-    clean_start = (n - noise)[:, None].expand(B, L + 2).clone()
-    slot = torch.where(clean_starts, clean_starts.cumsum(1, dtype=i32).long() - 1, L + 1)
-    clean_start.scatter_(1, slot, torch.arange(L, device=device).expand(B, L))
+    clean_start = clean[:, None].expand(B, wc + 2).clone()
+    slot = torch.where(clean_starts, clean_starts.cumsum(1).sub_(1), wc + 1)
+    clean_start.scatter_(1, slot, torch.arange(wc, device=device).expand(B, wc))
     # Noise token i follows all non-noise tokens of parts 0..noise_part[i].
-    index = torch.arange(L, device=device)
+    index = torch.arange(wn, device=device)
     is_noise = index[None, :] < noise[:, None]
-    place = index[None, :] + torch.gather(clean_start, 1, (noise_part + 1).clamp(0, L + 1))
+    place = index[None, :] + torch.gather(clean_start, 1, (noise_part + 1).clamp_(0, wc + 1))
     place = torch.where(is_noise, place, L).clamp_max_(L)
     compact_ids = torch.full((B, L + 1), -1, dtype=torch.long, device=device)
     compact_ids.scatter_(1, place, torch.where(is_noise, noise_part, -1))
     compact_ids = compact_ids[:, :L]
     if spec.random_roll:
         offset = (_random.rand((B,), generator=generator, device=device, dtype=torch.float64) * n).long()
-        source = (index[None, :] - offset[:, None]) % n.clamp_min(1)[:, None]
+        positions = torch.arange(L, device=device)
+        source = (positions[None, :] - offset[:, None]) % n.clamp_min(1)[:, None]
         compact_ids = torch.gather(compact_ids, 1, source)
     # Maskable position l is the c-th maskable position of its row, c = (maskable count up to l) - 1.
-    rank = (allowed.cumsum(1, dtype=i32).long() - 1).clamp_min(0)
+    rank = allowed.cumsum(1).sub_(1).clamp_min_(0)
     ids = torch.where(allowed, torch.gather(compact_ids, 1, rank), -1)
     return ids >= 0, ids
