@@ -13,6 +13,7 @@ Two families, both vectorised over the batch (no Python loop over rows or tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Protocol, runtime_checkable
 
@@ -230,6 +231,15 @@ def span_mask(
     return (mask, ids) if return_spans else mask
 
 
+@functools.lru_cache(maxsize=64)
+def _moments(lengths: SpanLengths) -> tuple[float, float]:
+    """Mean and variance of a span-length distribution, from its ``pmf()`` (cached per distribution object)."""
+    pmf = lengths.pmf().detach().to("cpu", torch.float64)
+    support = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
+    mean = float((pmf * support).sum())
+    return mean, max(float((pmf * support**2).sum()) - mean**2, 0.0)
+
+
 def _tiling_draws(lengths: SpanLengths, B: int, L: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
     """``[B, N]`` int64 span lengths whose running sum reaches ``L`` in every row, on the draw device.
@@ -257,12 +267,12 @@ def _tiling_draws(lengths: SpanLengths, B: int, L: int, generator: torch.Generat
 
     if draw_device.type != "cpu" or torch.compiler.is_compiling():
         return draw(L)
-    pmf = lengths.pmf().detach().to("cpu", torch.float64)
-    support = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
-    mean = float((pmf * support).sum())
+    try:
+        mean, var = _moments(lengths)
+    except TypeError:  # an unhashable user-defined distribution: no cache
+        mean, var = _moments.__wrapped__(lengths)
     if not mean >= 1.0:  # not a distribution on {1, 2, ...}: draw the bound
         return draw(L)
-    var = max(float((pmf * support**2).sum()) - mean**2, 0.0)
     first = min(L, math.ceil(L / mean + 6.0 * math.sqrt(L * var / mean**3)) + 8)
     span_len = draw(first)
     if first < L and bool((span_len.sum(1) < L).any()):
