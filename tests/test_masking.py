@@ -98,10 +98,9 @@ def test_smallest_k_finds_thresholds_in_every_digit():
     thresholds = [0, 1, 63, 64, 4095, 4096, (1 << 24) - 1, 0x7FF03F, 0x800FC0]
     L = 50
     keys = torch.full((len(thresholds), L), (1 << 24) - 1, dtype=torch.long)
-    for row, t in enumerate(thresholds):
-        keys[row, :10] = torch.arange(10) * 0 + max(t - 1, 0) * (t > 0)
+    for row, t in enumerate(thresholds):  # ten keys just below t, then t, then keys >= t
+        keys[row, :10] = max(t - 1, 0)
         keys[row, 10] = t
-    keys[:, 11:] = torch.where(keys[:, 11:] < keys[:, 10:11], keys[:, 10:11], keys[:, 11:])
     k = torch.full((len(thresholds),), 11)
     got = smallest_k(keys.clone(), k)
     for row in range(len(thresholds)):
