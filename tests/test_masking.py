@@ -456,6 +456,20 @@ def test_t5_noise_and_span_counts(B, L, rate, mu, seed):
         assert sorted({i for i in row_ids if i >= 0}) == list(range(spans))
 
 
+@FAST
+@given(st.integers(1, 5), st.integers(2, 80), st.floats(0.0, 1.0), st.integers(0, 6),
+       st.sampled_from(["floor", "round", "ceil"]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_t5_noise_counts_hold_whatever_the_rate_form_rounding_and_min_count(B, L, rate, min_count, rounding,
+                                                                          as_tensor, seed):
+    # The noise composition is only as wide as a bound computed from the rate and min_count: every count must fit.
+    given_rate = torch.full((B,), rate, dtype=torch.float64) if as_tensor else rate
+    mask = span_mask((B, L), given_rate, lengths=T5Spans(2.0), rounding=rounding, min_count=min_count,
+                     generator=gen(seed))
+    x = rate * L
+    k = {"floor": math.floor(x), "ceil": math.ceil(x), "round": round(x)}[rounding]
+    assert (mask.sum(1) == min(max(k, min_count), L - 1)).all()
+
+
 def test_t5_counts_at_2048_and_the_more_spans_than_gaps_guard():
     mask = span_mask((8, 2048), 0.15, lengths="t5", generator=gen(12))
     assert (mask.sum(1) == 307).all()
