@@ -23,14 +23,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def check_labels(labels: torch.Tensor, vocab_size: int, argument: str = "labels") -> None:
-    """Raise if a label is outside ``[0, vocab_size)`` and not ``-100`` (skipped while tracing: it syncs)."""
+def check_labels(
+    labels: torch.Tensor, vocab_size: int, argument: str = "labels", ignore_index: int = IGNORE_INDEX
+) -> None:
+    """Raise if a label is outside ``[0, vocab_size)`` and not ``ignore_index`` (skipped while tracing: it syncs)."""
     if _is_compiling():
         return
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise fail(argument, f"values in [0, {vocab_size}) or {IGNORE_INDEX}", f"{value}")
+        raise fail(argument, f"values in [0, {vocab_size}) or {ignore_index}", f"{value}")
 
 
 def normalizer(batch: Batch, normalize: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from dualobj._errors import check_choice, check_tensor, describe, fail
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
-from dualobj.objectives._ce import NORMALIZERS, check_batch_against, finish
+from dualobj.objectives._ce import NORMALIZERS, check_batch_against, check_labels, finish
 
 _HAS_NATIVE = hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 """torch >= 2.13 has its own chunked linear cross-entropy (used where it does exactly our job; see the docs)."""
@@ -407,14 +407,6 @@ def _check_common(
     return chunk_size
 
 
-def _check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    if torch.compiler.is_compiling():
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        raise fail("labels", f"values in [0, {vocab_size}) or {ignore_index}", f"{int(labels[bad][0])}")
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -480,7 +472,7 @@ def linear_cross_entropy(
         check_tensor("weights", weights, shape=(N,), floating=True)
     check_choice("reduction", reduction, REDUCTIONS)
     chunk = _check_common(hidden, weight, bias, z_loss, chunk_size)
-    _check_label_values(labels, weight.shape[0], ignore_index)
+    check_labels(labels, weight.shape[0], ignore_index=ignore_index)
     if _native_does_it(hidden, weights, z_loss, reduction, return_accuracy):
         out = _native_sum(hidden, weight, labels, bias, ignore_index, chunk)
     else:
@@ -527,7 +519,7 @@ def score_hidden(
     check_batch_against(hidden.shape, batch, "hidden", "hidden states")
     chunk = _check_common(hidden, weight, bias, z_loss, chunk_size, head_name="head")
     check_choice("normalize", normalize, NORMALIZERS)
-    _check_label_values(batch.labels, weight.shape[0], IGNORE_INDEX)
+    check_labels(batch.labels, weight.shape[0])
     B, L = batch.shape
     total, ce, lse, correct = _fused(hidden.reshape(B * L, -1), weight, bias, batch.weights.reshape(-1),
                                      batch.labels.reshape(-1), z_loss, IGNORE_INDEX, chunk, True, False)
