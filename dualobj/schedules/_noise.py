@@ -79,6 +79,14 @@ class AlphaSchedule:
 
     eps: float
 
+    def __post_init__(self) -> None:
+        # The dataclass __init__ of every built-in schedule lands here: its own fields first, then eps.
+        self._check_fields()
+        object.__setattr__(self, "eps", _check_eps(self.eps))
+
+    def _check_fields(self) -> None:
+        """Check (and normalise, with ``object.__setattr__``) the schedule's own fields; none by default."""
+
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """α(t) ``[*]``: the probability that a token is still clean at time ``t`` ``[*]``."""
         return self._alpha(_compute(t))
@@ -127,9 +135,6 @@ class LinearSchedule(AlphaSchedule):
     """
 
     eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", _check_eps(self.eps))
 
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1.0 - t
@@ -245,10 +250,9 @@ class CosineSchedule(AlphaSchedule):
     form: str
     eps: float = 1e-6
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
         if self.form not in COSINE_FORMS:
             raise fail("form", "one of " + ", ".join(repr(f) for f in COSINE_FORMS), repr(self.form))
-        object.__setattr__(self, "eps", _check_eps(self.eps))
 
     @property
     def _f(self) -> type:
@@ -282,9 +286,8 @@ class PolynomialSchedule(AlphaSchedule):
     power: float
     eps: float = 1e-6
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
         object.__setattr__(self, "power", _check_positive("power", self.power))
-        object.__setattr__(self, "eps", _check_eps(self.eps))
 
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
         # 1 − t^p = −expm1(p·log t): accurate near t = 1.
@@ -320,14 +323,13 @@ class GeometricSchedule(AlphaSchedule):
     sigma_max: float = 20.0
     eps: float = 1e-6
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
         lo = _check_positive("sigma_min", self.sigma_min)
         hi = _check_positive("sigma_max", self.sigma_max)
         if not lo < hi:
             raise fail("(sigma_min, sigma_max)", "sigma_min < sigma_max", f"({lo!r}, {hi!r})")
         object.__setattr__(self, "sigma_min", lo)
         object.__setattr__(self, "sigma_max", hi)
-        object.__setattr__(self, "eps", _check_eps(self.eps))
 
     @property
     def _log_ratio(self) -> float:
@@ -369,9 +371,6 @@ class LogSchedule(AlphaSchedule):
 
     eps: float = 1e-6
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", _check_eps(self.eps))
-
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
         # 1 − log2(1 + t) = log2(2/(1 + t)) = log1p((1 − t)/(1 + t))/ln 2: exact near t = 1.
         return torch.log1p((1.0 - t) / (1.0 + t)) / math.log(2.0)
@@ -404,12 +403,11 @@ class AutogradSchedule(AlphaSchedule):
     inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
     eps: float = 1e-6
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
         if not callable(self.alpha_fn):
             raise fail("alpha_fn", "a callable t -> alpha(t)", describe(self.alpha_fn))
         if self.inverse is not None and not callable(self.inverse):
             raise fail("inverse", "a callable rate -> t or None", describe(self.inverse))
-        object.__setattr__(self, "eps", _check_eps(self.eps))
 
     def _eval(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alpha_fn(t)
