@@ -23,19 +23,26 @@ import numpy as np
 import torch
 
 
+def _paper_apply_mask(row: torch.Tensor, scores: torch.Tensor, rate: float, num_special: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """The paper code's per-row selection: specials at +inf, ``k = max(1, int(n·rate + u))`` read back to Python,
+    then every position whose score is at most the ``k``-th smallest (``[L]`` bool)."""
+    special = row < num_special
+    scores[special] = float("inf")
+    n = int((~special).sum())
+    k = max(1, int(n * rate + torch.rand(1, generator=generator, device=row.device).item()))
+    threshold = torch.topk(scores, k, largest=False).values.max()
+    return scores <= threshold
+
+
 def paper_exact_loop(
     tokens: torch.Tensor, rates: torch.Tensor, num_special: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Exact-count masks, one row at a time with host reads (``[B, L]`` bool)."""
     masks = []
     for row, rate in zip(tokens, rates.tolist()):
-        special = row < num_special
         scores = torch.rand(row.shape, generator=generator, device=row.device)
-        scores[special] = float("inf")
-        n = int((~special).sum())
-        k = max(1, int(n * rate + torch.rand(1, generator=generator, device=row.device).item()))
-        threshold = torch.topk(scores, k, largest=False).values.max()
-        masks.append(scores <= threshold)
+        masks.append(_paper_apply_mask(row, scores, rate, num_special, generator))
     return torch.stack(masks)
 
 
@@ -48,12 +55,7 @@ def paper_span_loop(
         L = row.shape[0]
         lengths = torch.randint(1, max_span + 1, (L,), generator=generator, device=row.device)
         scores = torch.rand(L, generator=generator, device=row.device).repeat_interleave(lengths)[:L]
-        special = row < num_special
-        scores[special] = float("inf")
-        n = int((~special).sum())
-        k = max(1, int(n * rate + torch.rand(1, generator=generator, device=row.device).item()))
-        threshold = torch.topk(scores, k, largest=False).values.max()
-        masks.append(scores <= threshold)
+        masks.append(_paper_apply_mask(row, scores, rate, num_special, generator))
     return torch.stack(masks)
 
 
