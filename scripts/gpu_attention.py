@@ -34,25 +34,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualobj.attention import AttentionSpec, attention, available_backends
+from dualobj.bench.attention import _layout as bench_layout
 
 
 def layout(kind: str, B: int, T: int, device: str) -> dict:
-    half = torch.arange(B) < B // 2
-    if kind == "causal":
-        return {"causal": True}
-    if kind == "bidirectional":
-        return {"causal": False}
-    if kind == "mixed":
-        return {"causal": half}
+    """The bench suite's layouts (causal, bidirectional, mixed, documents) plus three that only matter on a GPU."""
     if kind == "interleaved":
         return {"causal": torch.arange(B) % 2 == 0}
     if kind == "flags-on-device":  # a causal tensor on the accelerator (copied to the host once)
         return {"causal": (torch.arange(B) % 3 == 0).to(device)}
-    if kind == "documents":
-        return {"causal": half, "doc_ids": (torch.arange(T) * 4 // T).expand(B, T).contiguous().to(device)}
     if kind == "prefix":
         return {"causal": True, "prefix_lengths": torch.full((B,), T // 3, device=device)}
-    raise KeyError(kind)
+    return bench_layout(kind, B, T, device)
 
 
 def fwd_bwd(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> tuple:
