@@ -5,7 +5,7 @@ The subpackages are the API: :mod:`dualobj.objectives`, :mod:`dualobj.masking`, 
 :mod:`dualobj.data`. The most used names are re-exported here.
 """
 
-from dualobj._errors import DualObjError
+from dualobj._errors import DualObjError, DualObjTypeError, set_validation, validation, validation_enabled
 from dualobj.objectives import (
     ARObjective,
     Batch,
@@ -22,10 +22,14 @@ __all__ = [
     "ARObjective",
     "Batch",
     "DualObjError",
+    "DualObjTypeError",
     "DualObjective",
     "LossOutput",
     "MDObjective",
     "__version__",
     "cross_entropy",
     "global_loss",
+    "set_validation",
+    "validation",
+    "validation_enabled",
 ]
