@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_int, check_number, check_tensor, describe, fail
 
 
 def rope_frequencies(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -23,8 +23,9 @@ def rope_frequencies(dim: int, base: float = 10000.0, device: torch.device | str
     Returns:
         ``[dim // 2]`` float32.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+    if check_int("dim", dim, low=1) % 2:
         raise fail("dim", "a positive even head dimension", describe(dim))
+    check_number("base", base, low=0.0, low_open=True)
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
 
 
