@@ -90,7 +90,8 @@ def split_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.
 
 
 class MathBackend:
-    """Plain softmax attention, computed in float32 and cast back: the reference every backend is tested against.
+    """Plain softmax attention, computed in float32 (float64 for float64 inputs) and cast back: the reference
+    every backend is tested against.
 
     Materialises the ``[B, H, T, T]`` scores, so it costs O(B·H·T²) memory.
     """
@@ -103,12 +104,13 @@ class MathBackend:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float
     ) -> torch.Tensor:
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        work = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
         mask = spec.mask(q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1)
-        return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(work)).to(q.dtype)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw: Any) -> torch.Tensor:

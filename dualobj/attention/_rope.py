@@ -2,7 +2,7 @@
 
 The head dimension ``D`` is split into two halves ``x1 = x[..., :D/2]`` and ``x2 = x[..., D/2:]``; pair
 ``(x1[m], x2[m])`` is rotated by the angle ``position · base^(-2m/D)``. Angles and the rotation are computed in
-float32 and cast back to the input dtype.
+float32 (float64 for float64 inputs) and cast back to the input dtype.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def apply_rope(
         raise fail("positions", f"shape [{T}] or [{B}, {T}]", f"shape {list(positions.shape)}")
     if inv_freq is None:
         inv_freq = rope_frequencies(D, base, device=x.device)
-    angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+    work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    angles = positions.to(device=x.device, dtype=work)[..., None] * inv_freq.to(work)  # [(B,) T, D/2]
     cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # [(B,) T, 1, D/2]
-    xf = x.float()
+    xf = x.to(work)
     x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
