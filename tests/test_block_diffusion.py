@@ -380,3 +380,74 @@ def test_cat_refuses_mixed_layouts_and_lengths():
 def test_tokens_with_the_mask_id_are_refused():
     with pytest.raises(DualObjError, match=r"^tokens: "):
         BlockDiffusionObjective(MASK, 2).prepare(torch.tensor([[2, MASK, 3, 4]]))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+class ToyModel(torch.nn.Module):
+    """Returns :func:`toy_logits` as its "hidden states" (read out with an identity head)."""
+
+    def __init__(self, base: torch.Tensor, L: int, b: int) -> None:
+        super().__init__()
+        self.base, self.L, self.b = base, L, b
+
+    def forward(self, input_ids, layout=None):
+        assert layout is not None and layout.block_size == self.b
+        return toy_logits(input_ids, self.base, self.L, self.b)
+
+
+@pytest.mark.parametrize("t_per", ["block", "row"])
+def test_bd_nelbo_matches_enumeration_within_its_standard_error(t_per):
+    from dualobj.evaluation import bd_nelbo
+
+    L, b, N = 7, 3, 3000
+    g = torch.Generator().manual_seed(21)
+    x = torch.randint(2, V, (L,), generator=g)
+    base = torch.randn(L, V, generator=g, dtype=torch.float64)
+    exact = exact_nelbo(x, base, L, b) * N
+    bd = BlockDiffusionObjective(MASK, b, t_per=t_per)
+    est = bd_nelbo(ToyModel(base, L, b), x.expand(N, L), bd=bd, samples=3, head=torch.eye(V, dtype=torch.float64),
+                   batch_size=1024)
+    assert est.tokens == N * L and est.samples == 3
+    assert 0 < est.stderr < 0.05 * exact
+    assert abs(est.nats - exact) < 3 * est.stderr, (est.nats, exact, est.stderr)
+    # one sample: no standard error; the same seed gives the same estimate
+    one = bd_nelbo(ToyModel(base, L, b), x.expand(8, L), bd=bd, samples=1, head=torch.eye(V, dtype=torch.float64))
+    again = bd_nelbo(ToyModel(base, L, b), x.expand(8, L), bd=bd, samples=1, head=torch.eye(V, dtype=torch.float64))
+    assert math.isnan(one.stderr) and one.nats == again.nats
+
+
+def test_bd_nelbo_runs_the_reference_model_and_refuses_bad_input():
+    from dualobj.evaluation import bd_nelbo
+
+    model = tiny_model(dtype=torch.float32)
+    bd = BlockDiffusionObjective(MASK, 4, num_special=2)
+    tokens = torch.randint(2, V, (5, 8), generator=torch.Generator().manual_seed(0))
+    out = bd_nelbo(model, tokens, bd=bd, samples=2, batch_size=2)
+    assert out.tokens == 40 and math.isfinite(out.nats) and out.stderr > 0
+    with pytest.raises(DualObjError, match=r"^bd: "):
+        bd_nelbo(model, tokens, bd=MDObjective(MASK))
+    with pytest.raises(DualObjError, match=r"^samples: "):
+        bd_nelbo(model, tokens, bd=bd, samples=0)
+    with pytest.raises(DualObjError, match=r"^block_size: "):
+        bd_nelbo(model, tokens[:, :3], bd=bd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_cuda_backends_equal_math_on_layout(backend, docs):
+    B, L, b, H, D = 2, 96, 16, 2, 32
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(B, 2 * L, H, D, generator=g).cuda() for _ in range(3))
+    grad_out = torch.randn(B, 2 * L, H, D, generator=g).cuda()
+    layout = AttentionLayout(block_size=b, doc_ids=random_docs(B, L, 3).cuda() if docs else None)
+    results = []
+    for name in ("math", backend):
+        q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
+        out = attention(q, k, v, layout=layout, backend=name)
+        out.backward(grad_out)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, atol=2e-3, rtol=2e-3)
