@@ -480,3 +480,28 @@ def test_clean_half_is_block_causal_over_x0():
     batch = BlockDiffusionObjective(MASK, 1).prepare(tokens, generator=torch.Generator().manual_seed(5))
     hidden = model(batch.input_ids, layout=batch.layout)
     torch.testing.assert_close(hidden[:, L:], model(tokens, causal=True), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_llama_with_the_block_mask_and_positions_is_the_ar_factorisation(attn):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation=attn)
+    model = transformers.LlamaForCausalLM(config).eval().double()
+    from dualobj.integrations import additive_attention_mask
+
+    L = 6
+    tokens = torch.randint(2, V, (2, L), generator=torch.Generator().manual_seed(3))
+    bd = BlockDiffusionObjective(MASK, 1, sampler=FixedTime(1.0), normalize="none")
+    batch = bd.prepare(tokens)
+    with torch.no_grad():
+        mask = additive_attention_mask(batch, dtype=torch.float64)
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).logits
+        total = bd.loss(logits, batch).total
+        expected = 0.0
+        for j in range(L):  # HF's own causal attention on x_<j followed by a mask token at j
+            inp = torch.cat([tokens[:, :j], torch.full((2, 1), MASK)], dim=1)
+            expected += float(F.cross_entropy(model(input_ids=inp).logits[:, -1], tokens[:, j], reduction="sum"))
+    assert abs(float(total) - expected) < 1e-8 * max(1.0, expected)
