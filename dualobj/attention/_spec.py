@@ -32,14 +32,18 @@ does not describe the attention of the batch, so attention refuses it without th
 
 
 def tag_block_rows(causal: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mark ``causal`` (a ``[B]`` bool tensor) as belonging to a block-diffusion batch; returns it."""
-    setattr(causal, BLOCK_TAG, block_size)
+    """Mark ``causal`` (a ``[B]`` bool tensor) as belonging to a block-diffusion batch; returns it (unmarked while
+    ``torch.compile`` traces: the mark is a guard for eager callers, not part of the computation)."""
+    if not torch.compiler.is_compiling():
+        setattr(causal, BLOCK_TAG, block_size)
     return causal
 
 
 def check_untagged(causal: object) -> None:
     """Refuse the ``causal`` tensor of a block-diffusion batch passed without the batch's layout."""
-    if isinstance(causal, torch.Tensor) and getattr(causal, BLOCK_TAG, None) is not None:
+    if torch.compiler.is_compiling() or not isinstance(causal, torch.Tensor):
+        return
+    if getattr(causal, BLOCK_TAG, None) is not None:
         raise fail(
             "layout",
             "the block-diffusion layout of this batch (pass layout=batch.layout, not causal=batch.causal): "
