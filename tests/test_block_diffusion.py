@@ -505,3 +505,57 @@ def test_hf_llama_with_the_block_mask_and_positions_is_the_ar_factorisation(attn
             inp = torch.cat([tokens[:, :j], torch.full((2, 1), MASK)], dim=1)
             expected += float(F.cross_entropy(model(input_ids=inp).logits[:, -1], tokens[:, j], reduction="sum"))
     assert abs(float(total) - expected) < 1e-8 * max(1.0, expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), L=st.integers(1, 12), data=st.data(), seed=st.integers(0, 10_000),
+       t_per=st.sampled_from(["block", "row"]))
+def test_prepare_invariants(B, L, data, seed, t_per):
+    b = data.draw(st.integers(1, L))
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    tokens[tokens == MASK] = 0  # id 0 is special (num_special=2) and never masked; MASK never appears
+    docs = random_docs(B, L, seed)
+    prompt = torch.randint(0, L + 1, (B,), generator=g)
+    bd = BlockDiffusionObjective(MASK, b, num_special=2, t_per=t_per)
+    batch = bd.prepare(tokens, doc_ids=docs, prompt_lengths=prompt, generator=g)
+    K = -(-L // b)
+    assert batch.t.shape == (B, K) and ((batch.t >= 1e-3) & (batch.t <= 1)).all()
+    noisy, clean = batch.input_ids[:, :L], batch.input_ids[:, L:]
+    assert torch.equal(clean, tokens)
+    masked = noisy == MASK
+    maskable = (tokens >= 2) & (torch.arange(L)[None] >= prompt[:, None])
+    assert not (masked & ~maskable).any() and torch.equal(torch.where(masked, tokens, noisy), tokens)
+    assert torch.equal(batch.valid[:, :L], maskable) and not batch.valid[:, L:].any()
+    block_of = [p // b for p in range(L)]
+    for r in range(B):
+        for p in range(L):
+            w = float(1.0 / batch.t[r, block_of[p]]) if masked[r, p] else 0.0
+            assert math.isclose(float(batch.weights[r, p]), w, rel_tol=1e-6)
+            assert int(batch.labels[r, p]) == (int(tokens[r, p]) if masked[r, p] else -100)
+            start = max(q for q in range(p + 1) if q == 0 or int(docs[r, q]) != int(docs[r, q - 1]))
+            assert int(batch.position_ids[r, p]) == int(batch.position_ids[r, L + p]) == p - start
+    assert (batch.labels[:, L:] == -100).all() and (batch.weights[:, L:] == 0).all()
+
+
+def test_exact_count_masker_counts_per_block():
+    from dualobj.masking import random_mask
+
+    def exact(tokens, rate, *, maskable, generator=None):
+        return random_mask(tokens, rate, exact=True, rounding="round", maskable=maskable, generator=generator)
+
+    bd = BlockDiffusionObjective(MASK, 4, masker=exact, sampler=FixedTime(0.5))
+    batch = bd.prepare(torch.randint(2, V, (16, 10)), generator=torch.Generator().manual_seed(0))
+    per_block = (batch.input_ids[:, :10] == MASK).long()
+    counts = [per_block[:, s:s + 4].sum(1) for s in (0, 4, 8)]
+    assert (counts[0] == 2).all() and (counts[1] == 2).all() and (counts[2] == 1).all()  # last block: 2 tokens
+
+
+def test_masker_must_return_a_block_mask():
+    bad = BlockDiffusionObjective(MASK, 2, masker=lambda tokens, rate, *, maskable, generator=None: maskable.long())
+    with pytest.raises(DualObjError, match=r"^masker"):
+        bad.prepare(torch.randint(2, V, (2, 4)))
+    with pytest.raises(DualObjError, match=r"^masker: "):
+        BlockDiffusionObjective(MASK, 2, masker="random")
+    with pytest.raises(DualObjError, match=r"^t_per: "):
+        BlockDiffusionObjective(MASK, 2, t_per="token")

@@ -65,7 +65,8 @@ class BlockDiffusionObjective(Objective):
     - ``t_per="block"`` (BD3-LM) draws one noise level per block; ``"row"`` draws one per row, shared by its blocks.
       Both are unbiased; per-block draws average more independent levels per row.
     - Normalisation as in :class:`~dualobj.objectives.MDObjective`: ``normalize="valid"`` divides by the maskable
-      positions, so the loss is the per-token NELBO. Metrics report block-diffusion rows under the ``md/`` keys.
+      positions, so the loss is the per-token NELBO (``"positions"`` counts all ``2L`` columns of a row, clean half
+      included). Metrics report block-diffusion rows under the ``md/`` keys.
     - ``block_size = L`` is masked diffusion with in-place targets; ``block_size = 1`` with every token masked
       (``t = 1``) is exactly the autoregressive NLL (the model sees ``x_{<j}`` and a mask at ``j``).
 
