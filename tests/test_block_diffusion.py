@@ -307,6 +307,17 @@ def test_hf_additive_mask_is_the_block_mask():
     mask = additive_attention_mask(batch)
     assert mask.shape == (2, 1, 12, 12)
     assert torch.equal(mask[:, 0] == 0, brute_mask(6, 4, docs))
+    from dualobj.integrations import allowed_keys
+
+    assert torch.equal(allowed_keys(batch.causal, 12, doc_ids=docs, block_size=4), brute_mask(6, 4, docs))
+    # padding given for one copy [B, L] hides the padded keys of both copies; a query still sees itself
+    pad = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    padded = additive_attention_mask(batch, padding_mask=pad)[:, 0] == 0
+    expect = brute_mask(6, 4, docs) & torch.cat([pad, pad], 1).bool()[:, None, :]
+    expect |= torch.eye(12, dtype=torch.bool)
+    assert torch.equal(padded, expect)
+    with pytest.raises(DualObjError, match=r"^prefix_lengths: "):
+        additive_attention_mask(batch, prefix_lengths=torch.tensor([1, 1]))
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -20,6 +20,7 @@ A fourth piece replaces the three above: ``block_size`` (block diffusion). The a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,13 @@ def block_diffusion_rule(
         return allowed
     seg = segments[:, pos]  # [B, 2L]
     return allowed[None] & (seg[:, :, None] == seg[:, None, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_block_rule(length: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The document-free block-diffusion mask, built once per ``(L, block_size, device)`` (read-only: callers
+    only expand it)."""
+    return block_diffusion_rule(length, block_size, None, device)
 
 
 def block_diffusion_mask(
@@ -246,8 +254,11 @@ class AttentionSpec:
         """
         T = self.length
         if self.block_size is not None:
-            seg = None if self.doc_ids is None else document_segments(self.doc_ids.to(device))
-            allowed = block_diffusion_rule(T // 2, self.block_size, seg, device)
+            if self.doc_ids is None and not torch.compiler.is_compiling():
+                allowed = _cached_block_rule(T // 2, self.block_size, torch.device(device))
+            else:
+                seg = None if self.doc_ids is None else document_segments(self.doc_ids.to(device))
+                allowed = block_diffusion_rule(T // 2, self.block_size, seg, device)
             return allowed.expand(self.batch, T, T).unsqueeze(1)
         c = self.causal
         if self.dense and isinstance(c, bool) and not c:

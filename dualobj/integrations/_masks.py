@@ -53,7 +53,8 @@ def allowed_keys(
 def _apply_padding(spec: AttentionSpec, padding_mask: torch.Tensor | None, device: torch.device | str) -> torch.Tensor:
     B, L = spec.batch, spec.length
     allowed = spec.mask(device)
-    allowed = torch.ones(B, L, L, dtype=torch.bool, device=device) if allowed is None else allowed[:, 0]
+    # a fresh tensor: the mask may be a view of one shared by later calls
+    allowed = torch.ones(B, L, L, dtype=torch.bool, device=device) if allowed is None else allowed[:, 0].clone()
     if padding_mask is not None:
         if spec.block_size is not None and padding_mask.ndim == 2 and padding_mask.shape == (B, L // 2):
             padding_mask = torch.cat([padding_mask, padding_mask], dim=1)
