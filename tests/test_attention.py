@@ -420,3 +420,39 @@ def test_available_backends_without_the_device():
     status = available_backends("cuda")
     assert not any(s.forward for s in status.values())
     assert all(s.reason for s in status.values())
+
+
+def test_bad_scale_and_rope_base():
+    q = torch.randn(1, 4, 1, 4)
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(DualObjError, match=r"^scale: "):
+            attention(q, q, q, causal=True, scale=bad)
+    with pytest.raises(DualObjError, match=r"^scale: "):
+        attention(q, q, q, causal=True, scale="0.5")
+    for bad in (0, 0.0, -2.0, float("nan")):
+        with pytest.raises(DualObjError, match=r"^rope_base: "):
+            SelfAttention(8, 2, rope_base=bad)
+    SelfAttention(8, 2, rope=False, rope_base=0)  # no rotary embedding: the base is unused
+    with pytest.raises(DualObjError, match=r"^heads: "):
+        SelfAttention(8, True)
+    with pytest.raises(DualObjError, match=r"^base: "):
+        apply_rope(q, torch.arange(4), base=0.0)
+
+
+def test_float64_self_attention():
+    torch.manual_seed(0)
+    layer = SelfAttention(16, 2, backend="math")
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    with pytest.raises(DualObjError, match=r"^x: .*float32"):
+        layer(x, causal=True)
+    ref = layer(x.float(), causal=True)
+    layer64 = layer.double()
+    for backend in ("math", "sdpa"):
+        layer64.backend = backend
+        out = layer64(x, causal=True)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=1e-5)
+    layer64.backend = "math"
+    a = layer64(x, causal=True)
+    layer64.backend = "sdpa"
+    torch.testing.assert_close(a, layer64(x, causal=True), atol=1e-12, rtol=1e-12)  # float64 end to end

@@ -304,11 +304,11 @@ def test_step_suite_contract_and_one_training_step():
     from dualobj.bench import step
 
     cases = step.cases(Context(quick=True))
-    assert [c.targets for c in cases] == [{"ar": 1.05}, {"ar": 1.0}]
-    assert [[i.name for i in c.impls if i.ours] for c in cases] == [["dual"], ["md"]]
+    assert [c.targets for c in cases] == [{"ar": 1.05}, {"ar": 1.0}, {"ar": 2.2}]
+    assert [[i.name for i in c.impls if i.ours] for c in cases] == [["dual"], ["md"], ["bd"]]
     sizes = {"batch": 4, "length": 16, "dim": 32, "layers": 1, "heads": 2, "vocab": 64}
     losses = {}
-    for kind in ("ar", "md", "dual"):
+    for kind in ("ar", "md", "dual", "bd"):
         fn = step.make_step(kind, sizes, Context())
         losses[kind] = fn()
         assert torch.isfinite(fn())  # the model keeps training

@@ -184,3 +184,41 @@ def test_bad_forward_inputs():
         model(torch.zeros(2, 4), causal=True)
     with pytest.raises(DualObjError, match="config"):
         Transformer({"dim": 32})
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    import dualobj
+
+    model = Transformer(CFG)
+    for bad in (CFG.vocab_size, -1):
+        ids = torch.tensor([[1, 2, bad]])
+        with pytest.raises(DualObjError, match=r"^input_ids: .*\[0, "):
+            model(ids, causal=True)
+    ok = torch.tensor([[0, CFG.vocab_size - 1]])
+    with dualobj.validation(False):  # a value check: skipped when validation is off, valid ids still run
+        assert model(ok, causal=True).shape == (1, 2, CFG.dim)
+
+
+def test_layout_and_keyword_paths_agree():
+    from dualobj.attention import AttentionLayout
+
+    model = Transformer(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 4 + [1] * 6, [0] * 10, [0] * 2 + [5] * 8])
+    causal = torch.tensor([True, False, True])
+    a = model(ids, causal=causal, doc_ids=docs)
+    b = model(ids, layout=AttentionLayout(causal=causal, doc_ids=docs))
+    c = model(ids, AttentionLayout(causal=causal, doc_ids=docs))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, c, atol=0, rtol=0)
+    batch = ARObjective().prepare(ids, doc_ids=docs)
+    torch.testing.assert_close(model(ids, layout=batch.layout), model(ids, causal=True, doc_ids=docs), atol=0, rtol=0)
+    # explicit position ids are read: a shift changes nothing (RoPE sees relative angles), spreading them does
+    shifted = AttentionLayout(causal=True, position_ids=torch.arange(10) + 3)
+    torch.testing.assert_close(model(ids, layout=shifted), model(ids, causal=True), atol=1e-5, rtol=1e-5)
+    spread = AttentionLayout(causal=True, position_ids=torch.arange(10) * 3)
+    assert not torch.allclose(model(ids, layout=spread), model(ids, causal=True), atol=1e-3)
+    with pytest.raises(DualObjError, match=r"^layout: "):
+        model(ids, layout=AttentionLayout(causal=True), causal=True)
+    with pytest.raises(DualObjError, match=r"^causal: "):
+        model(ids)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_number, check_tensor, describe, fail
 from dualobj.attention._backends import BACKENDS, Backend
-from dualobj.attention._spec import AttentionSpec
+from dualobj.attention._spec import AttentionLayout, AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,15 @@ def available_backends(
 
 
 def _auto(q: torch.Tensor, spec: AttentionSpec) -> Backend:
-    """``"auto"``: xformers where its kernels run (not for prefixes), then Flex for document masks on
-    accelerators, then SDPA, else math. On the CPU: SDPA (no probing)."""
+    """``"auto"``: xformers where its kernels run (not for prefixes or blocks), then Flex for document and
+    block-diffusion masks on accelerators, then SDPA, else math. On the CPU: SDPA (no probing)."""
     if q.device.type == "cpu":
         return BACKENDS["sdpa"]
     status = _status(_device_key(q.device), q.dtype)
     if q.device.type == "cuda":
-        if spec.prefix_lengths is None and status["xformers"].backward:
+        if spec.prefix_lengths is None and spec.block_size is None and status["xformers"].backward:
             return BACKENDS["xformers"]
-        if spec.doc_ids is not None and status["flex"].backward:
+        if (spec.doc_ids is not None or spec.block_size is not None) and status["flex"].backward:
             return BACKENDS["flex"]
     return BACKENDS["sdpa"] if status["sdpa"].backward else BACKENDS["math"]
 
@@ -107,21 +107,27 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    causal: bool | torch.Tensor,
+    layout: AttentionLayout | None = None,
+    causal: bool | torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     prefix_lengths: torch.Tensor | None = None,
     backend: str | Backend = "auto",
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention that switches between causal and bidirectional per call or per row.
+    """Softmax attention that switches between causal and bidirectional per call or per row, with packed
+    documents, prefix-LM rows or the block-diffusion layout.
 
     Query ``i`` of row ``b`` attends key ``j`` when both are in the same packed document and
-    ``not causal[b] or j <= i or j < prefix_lengths[b]``.
+    ``not causal[b] or j <= i or j < prefix_lengths[b]``; with a block-diffusion layout the rule is that of
+    :func:`~dualobj.attention.block_diffusion_mask`. Give the layout either as one
+    :class:`~dualobj.attention.AttentionLayout` (``layout=``, for example ``batch.layout``) or by the keywords
+    ``causal`` / ``doc_ids`` / ``prefix_lengths``, not both.
 
     Args:
         q: ``[B, T, H, D]`` queries (floating point).
         k: ``[B, T, H, D]`` keys, same shape, dtype and device as ``q``.
         v: ``[B, T, H, D]`` values, same shape, dtype and device as ``q``.
+        layout: the whole layout as one object (required for block diffusion).
         causal: a Python bool for every row, or a bool tensor ``[B]`` on any device (keep it on the CPU, as
             :class:`dualobj.objectives.Batch` does, so mixed rows can be grouped without a device sync).
         doc_ids: ``[B, T]`` integer ids of packed documents (a document is a maximal run of equal ids);
@@ -130,16 +136,17 @@ def attention(
             to all queries).
         backend: ``"auto"``, ``"xformers"``, ``"sdpa"``, ``"flex"``, ``"math"``, or any
             :class:`~dualobj.attention.Backend`. ``"auto"`` picks xformers where its CUDA kernels run (no
-            prefixes), else Flex for document masks on CUDA, else SDPA.
-        scale: score scale, default ``D ** -0.5``.
+            prefixes or blocks), else Flex for document and block-diffusion masks on CUDA, else SDPA.
+        scale: score scale, a finite number > 0; default ``D ** -0.5``.
 
     Returns:
         ``[B, T, H, D]`` in the dtype of ``q``.
 
     Raises:
         DualObjError: for a shape, dtype or device mismatch, a ``causal`` / ``doc_ids`` / ``prefix_lengths`` of
-            the wrong shape or dtype, an unknown backend, or a forced backend that cannot run here (the message
-            says why and what to install).
+            the wrong shape or dtype, both or neither of ``layout`` and ``causal``, the ``causal`` tensor of a
+            block-diffusion batch without its layout (named ``layout``), a bad ``scale``, an unknown backend, or
+            a forced backend that cannot run here (the message says why and what to install).
     """
     check_tensor("q", q, ndim=4, floating=True)
     B, T, H, D = q.shape
@@ -149,9 +156,18 @@ def attention(
         check_tensor(name, x, shape=(B, T, H, D))
         if x.dtype != q.dtype or x.device != q.device:
             raise fail(name, f"dtype {q.dtype} on {q.device} (those of q)", f"{x.dtype} on {x.device}")
-    spec = AttentionSpec.build(B, T, causal, doc_ids, prefix_lengths, device=q.device)
-    if scale is None:
-        scale = D**-0.5
+    if layout is not None:
+        if not isinstance(layout, AttentionLayout):
+            raise fail("layout", "an AttentionLayout (for example batch.layout) or None", describe(layout))
+        if causal is not None or doc_ids is not None or prefix_lengths is not None:
+            raise fail("layout", "either layout= or the causal/doc_ids/prefix_lengths keywords",
+                       "both")
+        spec = layout.spec(B, T, device=q.device)
+    else:
+        if causal is None:
+            raise fail("causal", "a bool or a [B] bool tensor (or pass layout=)", "None")
+        spec = AttentionSpec.build(B, T, causal, doc_ids, prefix_lengths, device=q.device)
+    scale = D**-0.5 if scale is None else check_number("scale", scale, low=0.0, low_open=True)
     if isinstance(backend, str):
         if backend == "auto":
             impl = _auto(q, spec)

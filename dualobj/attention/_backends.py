@@ -90,7 +90,8 @@ def split_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.
 
 
 class MathBackend:
-    """Plain softmax attention, computed in float32 and cast back: the reference every backend is tested against.
+    """Plain softmax attention, computed in float32 (float64 for float64 inputs) and cast back: the reference
+    every backend is tested against.
 
     Materialises the ``[B, H, T, T]`` scores, so it costs O(B·H·T²) memory.
     """
@@ -103,12 +104,13 @@ class MathBackend:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float
     ) -> torch.Tensor:
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        work = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
         mask = spec.mask(q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1)
-        return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(work)).to(q.dtype)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw: Any) -> torch.Tensor:
@@ -121,8 +123,9 @@ class SDPABackend:
     """``torch.nn.functional.scaled_dot_product_attention``.
 
     Uniform rows use ``is_causal`` or no mask (flash kernels, which skip fully masked blocks); mixed rows run as
-    one call per row group (causal rows keep the ``is_causal`` skip); documents and prefixes use a boolean
-    ``[B, 1, T, T]`` mask in one call. While ``torch.compile`` traces, a causal tensor goes into the mask too.
+    one call per row group (causal rows keep the ``is_causal`` skip); documents, prefixes and the block-diffusion
+    layout use a boolean ``[B, 1, T, T]`` mask in one call. While ``torch.compile`` traces, a causal tensor goes
+    into the mask too.
     """
 
     name = "sdpa"
@@ -141,8 +144,36 @@ class SDPABackend:
         return _sdpa(q, k, v, scale, attn_mask=spec.mask(q.device))
 
 
+def block_diffusion_mask_mod(length: int, block_size: int, segments: torch.Tensor | None) -> Callable[..., Any]:
+    """The FlexAttention ``mask_mod`` of :func:`~dualobj.attention.block_diffusion_mask` (``segments``: the
+    ``[B, L]`` document segments, or ``None``)."""
+
+    def mask_mod(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+        qn, kn = qi < length, ki < length
+        qp = torch.where(qn, qi, qi - length)
+        kp = torch.where(kn, ki, ki - length)
+        qb, kb = qp // block_size, kp // block_size
+        ok = (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & (kb <= qb))
+        if segments is not None:
+            ok = ok & (segments[b, qp] == segments[b, kp])
+        return ok
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=64)
+def block_diffusion_block_mask(length: int, block_size: int, device: torch.device) -> Any:
+    """The FlexAttention ``BlockMask`` of the block-diffusion layout without documents, cached per
+    ``(L, block_size, device)``: building it can cost more than the attention it serves."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = block_diffusion_mask_mod(length, block_size, None)
+    return create_block_mask(mod, None, None, 2 * length, 2 * length, device=device)
+
+
 class FlexBackend:
-    """FlexAttention with one ``mask_mod`` holding the per-row causal flag, the documents and the prefixes.
+    """FlexAttention with one ``mask_mod`` holding the per-row causal flag, the documents and the prefixes, or
+    the block-diffusion rule (its ``BlockMask`` cached per ``(L, block_size, device)`` when there are no documents).
 
     Compiled with ``torch.compile`` on accelerators (block-sparse kernel, trains). On the CPU, torch runs it
     forward only, eagerly (the full score matrix is materialised): useful to check numbers, not to train.
@@ -180,6 +211,15 @@ class FlexBackend:
                 "CPU backward); for training use backend='sdpa' or 'math' on the CPU, or run 'flex' on CUDA"
             )
         B, T = spec.batch, spec.length
+        if spec.block_size is not None:
+            if spec.doc_ids is None:
+                block_mask = block_diffusion_block_mask(T // 2, spec.block_size, _cache_device(q.device))
+            else:
+                from dualobj.attention._spec import document_segments
+
+                mod = block_diffusion_mask_mod(T // 2, spec.block_size, document_segments(spec.doc_ids))
+                block_mask = create_block_mask(mod, B, None, T, T, device=q.device)
+            return self._run(q, k, v, block_mask, scale)
         c = spec.causal
         causal_t = c.to(q.device, non_blocking=True) if isinstance(c, torch.Tensor) else None
         seg = None
@@ -205,12 +245,21 @@ class FlexBackend:
                 return ok
 
             block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+        return self._run(q, k, v, block_mask, scale)
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = self._kernel(q.device)(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale
             )
         return out.transpose(1, 2)
+
+
+def _cache_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @functools.lru_cache(maxsize=1)
@@ -285,7 +334,8 @@ class XFormersBackend:
 
     Uniform rows: ``LowerTriangularMask`` or no bias. Packed documents: ``BlockDiagonalMask`` /
     ``BlockDiagonalCausalMask`` from the document lengths, with the batch flattened as xformers requires. Mixed
-    rows: one call per row group. Prefix-LM rows cannot be written with its structured biases and raise.
+    rows: one call per row group. Prefix-LM rows and the block-diffusion layout cannot be written with its
+    structured biases and raise.
     """
 
     name = "xformers"
@@ -304,6 +354,11 @@ class XFormersBackend:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float
     ) -> torch.Tensor:
+        if spec.block_size is not None:
+            raise DualObjError(
+                "backend: expected a backend that runs the block-diffusion layout ('flex', 'sdpa' or 'math'), "
+                "got 'xformers' (its structured biases cannot express it)"
+            )
         if spec.prefix_lengths is not None:
             raise DualObjError(
                 "prefix_lengths: expected None with backend='xformers' (its structured biases cannot express "

@@ -2,14 +2,14 @@
 
 The head dimension ``D`` is split into two halves ``x1 = x[..., :D/2]`` and ``x2 = x[..., D/2:]``; pair
 ``(x1[m], x2[m])`` is rotated by the angle ``position · base^(-2m/D)``. Angles and the rotation are computed in
-float32 and cast back to the input dtype.
+float32 (float64 for float64 inputs) and cast back to the input dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_int, check_number, check_tensor, describe, fail
 
 
 def rope_frequencies(dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -23,8 +23,9 @@ def rope_frequencies(dim: int, base: float = 10000.0, device: torch.device | str
     Returns:
         ``[dim // 2]`` float32.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+    if check_int("dim", dim, low=1) % 2:
         raise fail("dim", "a positive even head dimension", describe(dim))
+    check_number("base", base, low=0.0, low_open=True)
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
 
 
@@ -52,8 +53,9 @@ def apply_rope(
         raise fail("positions", f"shape [{T}] or [{B}, {T}]", f"shape {list(positions.shape)}")
     if inv_freq is None:
         inv_freq = rope_frequencies(D, base, device=x.device)
-    angles = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+    work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    angles = positions.to(device=x.device, dtype=work)[..., None] * inv_freq.to(work)  # [(B,) T, D/2]
     cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # [(B,) T, 1, D/2]
-    xf = x.float()
+    xf = x.to(work)
     x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

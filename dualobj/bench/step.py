@@ -7,6 +7,8 @@ costs. Three steps run on the same model initialisation and the same tokens:
 - ``md``: :class:`~dualobj.objectives.MDObjective` (every row bidirectional, only masked positions are scored);
 - ``dual``: :class:`~dualobj.objectives.DualObjective` with ``split="rows"``, α = 0.5 (half the rows each, one
   forward pass with per-row mixed attention).
+- ``bd``: :class:`~dualobj.objectives.BlockDiffusionObjective` with blocks of ``BD_BLOCK`` tokens (rows
+  ``[x_t ; x_0]``: twice the tokens per forward pass under the block-diffusion mask; target ≤ 2.2× AR).
 
 Two cases compare them with the AR step: ``dual`` (target ≤ 1.05× AR) and ``md`` (target ≤ 1.0× AR). The outputs
 of different objectives do not agree by design, so the check is a sanity one: every first-step loss is finite,
@@ -25,15 +27,18 @@ from dualobj.bench._core import Case, Context, Impl
 
 MASK_ID = 3
 NUM_SPECIAL = 4
+BD_BLOCK = 16
 
 QUICK = {"batch": 8, "length": 128, "dim": 128, "layers": 2, "heads": 4, "vocab": 512}
 FULL = {"batch": 8, "length": 256, "dim": 256, "layers": 4, "heads": 4, "vocab": 4096}
 
 
 def _objective(kind: str) -> Any:
-    from dualobj.objectives import ARObjective, DualObjective, MDObjective
+    from dualobj.objectives import ARObjective, BlockDiffusionObjective, DualObjective, MDObjective
 
     md = MDObjective(MASK_ID, num_special=NUM_SPECIAL)
+    if kind == "bd":
+        return BlockDiffusionObjective(MASK_ID, BD_BLOCK, num_special=NUM_SPECIAL)
     return {"ar": ARObjective(), "md": md, "dual": DualObjective(0.5, md=md, split="rows")}[kind]
 
 
@@ -41,7 +46,7 @@ def make_step(kind: str, sizes: dict[str, int], ctx: Context, *, seed: int = 0) 
     """Set up a model, AdamW and a token batch; return a callable running one training step.
 
     Args:
-        kind: ``"ar"``, ``"md"`` or ``"dual"``.
+        kind: ``"ar"``, ``"md"``, ``"dual"`` or ``"bd"``.
         sizes: ``batch``, ``length``, ``dim``, ``layers``, ``heads``, ``vocab``.
         ctx: device and parameter dtype.
         seed: the model initialisation and the tokens depend only on it (same for every kind).
@@ -53,7 +58,7 @@ def make_step(kind: str, sizes: dict[str, int], ctx: Context, *, seed: int = 0) 
     from dualobj.models import Transformer, TransformerConfig
 
     config = TransformerConfig(vocab_size=sizes["vocab"], dim=sizes["dim"], layers=sizes["layers"],
-                               heads=sizes["heads"], max_len=sizes["length"])
+                               heads=sizes["heads"], max_len=2 * sizes["length"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Transformer(config)
@@ -71,7 +76,7 @@ def make_step(kind: str, sizes: dict[str, int], ctx: Context, *, seed: int = 0) 
         extra = {"step": counter[0]} if scheduled else {}
         batch = objective.prepare(tokens, generator=draws, **extra)
         counter[0] += 1
-        hidden = model(batch.input_ids, causal=batch.causal, doc_ids=batch.doc_ids)
+        hidden = model(batch.input_ids, layout=batch.layout)
         out = objective.loss(hidden, batch, head=model.lm_head)
         out.loss.backward()
         optimizer.step()
@@ -96,7 +101,7 @@ def _check(vocab: int) -> Callable[[dict[str, Any]], str | None]:
 
 
 def cases(ctx: Context) -> list[Case]:
-    """The dual-vs-AR and MD-vs-AR training-step cases (smaller model and batch under ``ctx.quick``)."""
+    """The dual-vs-AR, MD-vs-AR and BD-vs-AR training-step cases (smaller model and batch under ``ctx.quick``)."""
     sizes = dict(QUICK if ctx.quick else FULL)
     tokens = sizes["batch"] * sizes["length"]
     label = f"{sizes['batch']}x{sizes['length']} d{sizes['dim']} L{sizes['layers']} V{sizes['vocab']}"
@@ -109,4 +114,5 @@ def cases(ctx: Context) -> list[Case]:
     return [
         Case(f"dual rows α=0.5 {label}", [impl("dual", ours=True), impl("ar")], targets={"ar": 1.05}, **common),
         Case(f"md {label}", [impl("md", ours=True), impl("ar")], targets={"ar": 1.0}, **common),
+        Case(f"bd b={BD_BLOCK} {label}", [impl("bd", ours=True), impl("ar")], targets={"ar": 2.2}, **common),
     ]

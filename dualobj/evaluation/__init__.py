@@ -1,6 +1,7 @@
 """Evaluation of one model in its three modes: held-out AR NLL, MD ELBO (antithetic or exact-count Monte Carlo),
 prefix-LM scoring, and multiple-choice scoring (AR, prefix, MD pseudo-log-likelihood) with a zero-shot probe."""
 
+from dualobj.evaluation._block import MonteCarloNLL, bd_nelbo
 from dualobj.evaluation._choice import (
     MODES,
     Question,
@@ -20,9 +21,11 @@ from dualobj.evaluation._likelihood import (
 __all__ = [
     "MODES",
     "NLL",
+    "MonteCarloNLL",
     "Question",
     "antithetic_times",
     "ar_nll",
+    "bd_nelbo",
     "choice_accuracy",
     "completion_logprobs",
     "md_elbo",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dualobj.integrations._masks import additive_attention_mask, allowed_keys
+from dualobj.integrations._masks import additive_attention_mask, allowed_keys, layout_allowed_keys
 from dualobj.objectives._distributed import batch_count, global_count, global_loss
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "batch_count",
     "global_count",
     "global_loss",
+    "layout_allowed_keys",
 ]
 
 

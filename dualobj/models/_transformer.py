@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dualobj._errors import check_tensor, describe, fail
-from dualobj.attention import SelfAttention
+from dualobj._errors import check_ids, check_int, check_number, check_tensor, describe, fail
+from dualobj.attention import AttentionLayout, SelfAttention
+from dualobj.attention._module import resolve_layout
 
 
 @dataclass
@@ -40,15 +41,11 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "layers", "heads", "max_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise fail(name, "an int >= 1", describe(value))
+            check_int(name, getattr(self, name), low=1)
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise fail("dim", f"a multiple of heads={self.heads} with an even head size", self.dim)
         for name in ("ffn_multiple", "rope_theta", "norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise fail(name, "a number > 0", describe(value))
+            check_number(name, getattr(self, name), low=0.0, low_open=True)
 
     @property
     def ffn_dim(self) -> int:
@@ -84,21 +81,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = SwiGLU(config.dim, config.ffn_dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        causal: bool | torch.Tensor,
-        doc_ids: torch.Tensor | None,
-        prefix_lengths: torch.Tensor | None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), causal=causal, doc_ids=doc_ids, prefix_lengths=prefix_lengths)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layout)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
     """A decoder-shaped transformer whose attention is chosen per call: causal, bidirectional, per-row mixed,
-    document-packed or prefix-LM, so one set of weights serves AR, MD and the dual objective.
+    document-packed, prefix-LM or block diffusion, so one set of weights serves AR, MD, the dual objective and
+    block diffusion.
 
     Token embedding, ``layers`` pre-RMSNorm blocks (rotary self-attention from :mod:`dualobj.attention`, SwiGLU
     feed-forward), a final RMSNorm, and an untied output layer ``lm_head`` (``nn.Linear(dim, vocab_size)``, no
@@ -112,7 +103,7 @@ class Transformer(nn.Module):
         >>> from dualobj.objectives import ARObjective
         >>> model = Transformer(TransformerConfig(vocab_size=16, dim=32, layers=1, heads=2))
         >>> batch = ARObjective().prepare(torch.randint(0, 16, (2, 8)))
-        >>> hidden = model(batch.input_ids, causal=batch.causal)
+        >>> hidden = model(batch.input_ids, layout=batch.layout)  # or causal=batch.causal, doc_ids=batch.doc_ids
         >>> hidden.shape
         torch.Size([2, 8, 32])
         >>> loss = ARObjective().loss(hidden, batch, head=model.lm_head).loss
@@ -145,15 +136,22 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        layout: AttentionLayout | None = None,
         *,
-        causal: bool | torch.Tensor,
+        causal: bool | torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm.
 
+        Give the attention either as ``layout`` (``batch.layout``: needed for block diffusion, whose rows
+        ``[x_t ; x_0]`` also carry their rotary positions) or by the keywords ``causal`` / ``doc_ids`` /
+        ``prefix_lengths``.
+
         Args:
-            input_ids: ``[B, L]`` integer ids, ``L <= max_len``.
+            input_ids: ``[B, L]`` integer ids in ``[0, vocab_size)`` (a value check, while validation is on),
+                ``L <= max_len``.
+            layout: an :class:`~dualobj.attention.AttentionLayout`.
             causal: a bool for every row, or ``[B]`` bool per row (``True`` causal, ``False`` bidirectional).
             doc_ids: ``[B, L]`` integer document ids; a position attends only within its document.
             prefix_lengths: ``[B]`` integers; positions ``< prefix_lengths[b]`` attend to each other
@@ -166,9 +164,11 @@ class Transformer(nn.Module):
         B, L = input_ids.shape
         if L > self.config.max_len:
             raise fail("input_ids", f"at most max_len={self.config.max_len} positions", f"shape {[B, L]}")
+        check_ids("input_ids", input_ids, high=self.config.vocab_size)
+        layout = resolve_layout(layout, causal, doc_ids, prefix_lengths)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, causal=causal, doc_ids=doc_ids, prefix_lengths=prefix_lengths)
+            x = block(x, layout)
         return self.norm(x)
 
     def logits(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:

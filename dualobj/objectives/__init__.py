@@ -3,6 +3,7 @@
 from dualobj.objectives._ar import ARObjective
 from dualobj.objectives._base import Objective
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
+from dualobj.objectives._block import BlockDiffusionObjective, bernoulli_masker
 from dualobj.objectives._ce import NORMALIZERS, cross_entropy
 from dualobj.objectives._distributed import batch_count, global_count, global_loss
 from dualobj.objectives._dual import SPLITS, DualObjective, rank_is_ar
@@ -16,11 +17,13 @@ __all__ = [
     "WEIGHTINGS",
     "ARObjective",
     "Batch",
+    "BlockDiffusionObjective",
     "DualObjective",
     "LossOutput",
     "MDObjective",
     "Objective",
     "batch_count",
+    "bernoulli_masker",
     "cross_entropy",
     "global_count",
     "global_loss",

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dualobj._errors import check_tensor, fail
+from dualobj._errors import check_int, check_tensor, fail
+from dualobj.attention._spec import AttentionLayout, tag_block_rows
 
 IGNORE_INDEX = -100
 """Label value meaning "no loss at this output position" (the ``F.cross_entropy`` default)."""
@@ -18,7 +19,13 @@ class Batch:
     """What one objective asks of the model and of the loss for one step.
 
     Every objective's ``prepare`` returns one; any model consumes it: feed ``input_ids`` with the attention given
-    by ``causal`` (and ``doc_ids``), then score the output against ``labels`` with ``weights``.
+    by :attr:`layout` (``model(batch.input_ids, layout=batch.layout)``; for plain batches the layout is just
+    ``causal`` and ``doc_ids``, so ``model(input_ids, causal=, doc_ids=)`` works too), then score the output against
+    ``labels`` with ``weights``.
+
+    Block-diffusion batches (``block_size`` set) hold rows ``[x_t ; x_0]`` of length ``2L``: ``input_ids``,
+    ``labels``, ``weights``, ``valid``, ``doc_ids`` and ``position_ids`` all have ``2L`` columns, and attention
+    needs :attr:`layout` (their ``causal`` tensor alone is refused by :func:`dualobj.attention.attention`).
 
     Attributes:
         input_ids: ``[B, L]`` int64. Clean tokens for AR rows, ``<mask>``-corrupted tokens for MD rows.
@@ -30,13 +37,18 @@ class Batch:
             sync). ``True``: causal attention; ``False``: bidirectional.
         doc_ids: ``[B, L]`` int64 or ``None``. Document id of each position of packed rows; attention and targets
             never cross a document boundary.
-        t: ``[B]`` float32 or ``None``. Noise level of each MD row (``NaN`` for AR rows).
+        t: ``[B]`` float32 or ``None``. Noise level of each MD row (``NaN`` for AR rows); ``[B, K]`` for a
+            block-diffusion batch (one level per block, ``K = ceil(L / block_size)``).
         valid: ``[B, L]`` bool or ``None``. Output positions that count for ``normalize="valid"``: those whose
             target token exists and could be scored (not padding, not across a document, not inside a prompt).
             For MD rows this includes unmasked positions (the per-token ELBO); ``None`` means ``labels != -100``.
         scale: ``[B]`` float32 or ``None``. The mixing factor already multiplied into ``weights`` for each row
             (``ar_scale`` for AR rows, ``2α`` / ``2(1-α)`` for ``split="both"``); ``None`` means 1. Metrics divide
             it out so ``ar/loss`` and ``md/loss`` stay comparable across mixes.
+        position_ids: ``[B, L]`` int64 or ``None``. Rotary positions of the model input; ``None`` means counted
+            from 0 in each packed document. Block-diffusion batches set them: ``0 .. L-1`` (per document) in both
+            halves.
+        block_size: ``None``, or the block size of a block-diffusion batch (rows ``[x_t ; x_0]``).
     """
 
     input_ids: torch.Tensor
@@ -47,6 +59,8 @@ class Batch:
     t: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         ids = check_tensor("input_ids", self.input_ids, ndim=2, integer=True)
@@ -59,11 +73,36 @@ class Batch:
         if self.doc_ids is not None:
             check_tensor("doc_ids", self.doc_ids, shape=(B, L), integer=True)
         if self.t is not None:
-            check_tensor("t", self.t, shape=(B,), floating=True)
+            check_tensor("t", self.t, floating=True)
+            if self.t.ndim not in (1, 2) or self.t.shape[0] != B or (self.t.ndim == 2 and self.block_size is None):
+                raise fail("t", f"shape [{B}] (or [{B}, K] for block diffusion)", f"shape {list(self.t.shape)}")
         if self.valid is not None:
             check_tensor("valid", self.valid, shape=(B, L), dtypes=(torch.bool,))
         if self.scale is not None:
             check_tensor("scale", self.scale, shape=(B,), floating=True)
+        if self.position_ids is not None:
+            check_tensor("position_ids", self.position_ids, shape=(B, L), integer=True)
+        if self.block_size is not None:
+            if L % 2:
+                raise fail("input_ids", "rows [x_t ; x_0] of even length 2L (block_size is set)",
+                           f"shape {list(ids.shape)}")
+            check_int("block_size", self.block_size, low=1, high=L // 2)
+            tag_block_rows(self.causal, self.block_size)
+
+    @property
+    def layout(self) -> AttentionLayout:
+        """The attention layout of this batch, to hand to the model (and from it to attention) unchanged.
+
+        Plain batches: per-row ``causal`` and ``doc_ids``. Block-diffusion batches: the block rule of
+        :func:`dualobj.attention.block_diffusion_mask` over ``[x_t ; x_0]``, the documents of one half, and
+        ``position_ids``.
+        """
+        if self.block_size is None:
+            return AttentionLayout(causal=self.causal, doc_ids=self.doc_ids, position_ids=self.position_ids)
+        half = self.shape[1] // 2
+        docs = None if self.doc_ids is None else self.doc_ids[:, :half]
+        return AttentionLayout(causal=self.causal, doc_ids=docs, block_size=self.block_size,
+                               position_ids=self.position_ids)
 
     @property
     def shape(self) -> torch.Size:
@@ -94,13 +133,32 @@ class Batch:
             t=move(self.t),
             valid=move(self.valid),
             scale=move(self.scale),
+            position_ids=move(self.position_ids),
         )
 
     @staticmethod
     def cat(batches: list[Batch]) -> Batch:
-        """Stack batches along rows (all must have the same length ``L`` and the same optional fields)."""
-        if not batches:
-            raise fail("batches", "at least one Batch", "an empty list")
+        """Stack batches along rows.
+
+        All must have the same length ``L`` and the same layout kind (the same ``block_size``, ``None`` for plain
+        batches): block-diffusion rows cannot share a forward pass with plain rows, since their rows are twice as
+        long and their attention follows another rule. Otherwise a :class:`~dualobj.DualObjError` names
+        ``batches``.
+        """
+        if not isinstance(batches, (list, tuple)) or not batches:
+            raise fail("batches", "a non-empty list of Batch", repr(batches) if not batches else type(batches))
+        for i, b in enumerate(batches):
+            if not isinstance(b, Batch):
+                raise fail("batches", "a list of Batch", f"{type(b).__name__} at index {i}")
+        lengths = sorted({b.shape[1] for b in batches})
+        if len(lengths) > 1:
+            raise fail("batches", "batches of one length L", f"lengths {lengths}")
+        kinds = {b.block_size for b in batches}
+        if len(kinds) > 1:
+            shown = ", ".join("plain" if k is None else f"block diffusion (block_size={k})"
+                              for k in sorted(kinds, key=lambda k: -1 if k is None else k))
+            raise fail("batches", "batches of one attention layout (rows of different layouts cannot share a "
+                       "forward pass; combine such objectives by step or by rank instead)", f"layouts: {shown}")
 
         def cat_opt(name: str, fill: float | None = None) -> torch.Tensor | None:
             values = [getattr(b, name) for b in batches]
@@ -128,6 +186,8 @@ class Batch:
             t=cat_opt("t", float("nan")),
             valid=valid,
             scale=cat_opt("scale", 1.0),
+            position_ids=cat_opt("position_ids"),
+            block_size=batches[0].block_size,
         )
 
 
