@@ -37,6 +37,9 @@ class Batch:
         scale: ``[B]`` float32 or ``None``. The mixing factor already multiplied into ``weights`` for each row
             (``ar_scale`` for AR rows, ``2α`` / ``2(1-α)`` for ``split="both"``); ``None`` means 1. Metrics divide
             it out so ``ar/loss`` and ``md/loss`` stay comparable across mixes.
+        segments: ``((name, rows), ...)`` or ``None``. Host metadata set by a mixture: the batch is the named
+            components' rows, in this order, each a contiguous group of ``rows`` rows (the counts sum to ``B``).
+            The loss then reports ``"<name>/loss"`` and ``"<name>/tokens"`` for each name.
     """
 
     input_ids: torch.Tensor
@@ -47,6 +50,7 @@ class Batch:
     t: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    segments: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         ids = check_tensor("input_ids", self.input_ids, ndim=2, integer=True)
@@ -64,6 +68,11 @@ class Batch:
             check_tensor("valid", self.valid, shape=(B, L), dtypes=(torch.bool,))
         if self.scale is not None:
             check_tensor("scale", self.scale, shape=(B,), floating=True)
+        if self.segments is not None:
+            segments = tuple((str(name), int(rows)) for name, rows in self.segments)
+            if sum(rows for _, rows in segments) != B or any(rows < 0 for _, rows in segments):
+                raise fail("segments", f"(name, rows) pairs whose rows are >= 0 and sum to B = {B}", segments)
+            self.segments = segments
 
     @property
     def shape(self) -> torch.Size:
@@ -128,7 +137,31 @@ class Batch:
             t=cat_opt("t", float("nan")),
             valid=valid,
             scale=cat_opt("scale", 1.0),
+            segments=(None if any(b.segments is None for b in batches)
+                      else tuple(seg for b in batches for seg in b.segments)),
         )
+
+
+def segment_metrics(
+    scored: torch.Tensor, labelled: torch.Tensor, valid: torch.Tensor, segments: tuple[tuple[str, int], ...]
+) -> dict[str, torch.Tensor]:
+    """Per-segment metrics: ``"<name>/loss"`` (``Σ w·CE / valid`` over its rows: the mean CE per target for
+    AR rows, the per-token bound for MD rows, mixing factors divided out) and ``"<name>/tokens"`` (its targets).
+
+    Args:
+        scored: ``[B, L]`` detached ``weights / scale · CE`` (0 where unlabelled).
+        labelled: ``[B, L]`` bool, the labelled positions.
+        valid: ``[B, L]`` bool, the positions counted by ``normalize="valid"``.
+        segments: the batch's ``segments``.
+    """
+    sizes = [rows for _, rows in segments]
+    rows = torch.stack([scored.sum(1), labelled.sum(1, dtype=torch.float32), valid.sum(1, dtype=torch.float32)], 1)
+    out: dict[str, torch.Tensor] = {}
+    for (name, _), part in zip(segments, torch.split(rows, sizes)):
+        total, tokens, count = part.sum(0).unbind()
+        out[f"{name}/loss"] = total / count.clamp_min(1.0)
+        out[f"{name}/tokens"] = tokens
+    return out
 
 
 @dataclass
