@@ -16,13 +16,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
 from dualobj._errors import check_number, check_tensor, describe, fail, validation_enabled
 
 HALF_PI = math.pi / 2.0
+
+CosineForm = Literal["1-sin", "cos", "cos^2"]
+"""The three cosine schedules of the literature (see :class:`CosineSchedule`)."""
 
 
 @runtime_checkable
@@ -246,11 +249,11 @@ class CosineSchedule(NoiseScheduleBase):
         eps: ``weight`` is evaluated at ``max(t, eps)``.
     """
 
-    form: str
+    form: CosineForm
     eps: float = 1e-6
 
     def _check_fields(self) -> None:
-        if self.form not in COSINE_FORMS:
+        if not isinstance(self.form, str) or self.form not in COSINE_FORMS:
             raise fail("form", "one of " + ", ".join(repr(f) for f in COSINE_FORMS), repr(self.form))
 
     @property
