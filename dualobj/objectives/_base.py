@@ -109,23 +109,28 @@ def check_tokens(
     tokens: torch.Tensor,
     doc_ids: torch.Tensor | None,
     prompt_lengths: torch.Tensor | None = None,
+    *,
+    values: bool = True,
 ) -> tuple[int, int]:
     """Check ``tokens [B, L]`` (non-empty, any integer dtype) and the optional per-position / per-row companions.
 
     Structural checks always run; the value checks (no negative id, no negative prompt length) run while
-    validation is on (:func:`dualobj.validation_enabled`). Objectives then work on ``tokens.long()``: a Batch
-    always holds int64 ids, so uint8, int16 and int32 tokens give the same loss as int64.
+    validation is on (:func:`dualobj.validation_enabled`) and ``values`` is True (a mixture passes False: its
+    components check the values, and each check is a device sync). Objectives then work on ``tokens.long()``: a
+    Batch always holds int64 ids, so uint8, int16 and int32 tokens give the same loss as int64.
     """
     check_tensor("tokens", tokens, ndim=2, integer=True)
     B, L = tokens.shape
     if B == 0 or L == 0:
         raise fail("tokens", "a non-empty [B, L] batch", f"shape {list(tokens.shape)}")
-    check_ids("tokens", tokens)
+    if values:
+        check_ids("tokens", tokens)
     if doc_ids is not None:
         check_tensor("doc_ids", doc_ids, shape=(B, L), integer=True)
     if prompt_lengths is not None:
         check_tensor("prompt_lengths", prompt_lengths, shape=(B,), integer=True)
-        check_ids("prompt_lengths", prompt_lengths)
+        if values:
+            check_ids("prompt_lengths", prompt_lengths)
     return B, L
 
 

@@ -371,7 +371,7 @@ class Mixture(Objective):
             A :class:`Batch` whose ``segments`` name each component's rows: ``B`` rows (``k·B`` for
             ``split="both"``), components in the order given.
         """
-        B, L = check_tokens(tokens, doc_ids, prompt_lengths)
+        B, L = check_tokens(tokens, doc_ids, prompt_lengths, values=False)  # the components check the values
         why = self._why_step()
         step = check_step(step) if why is None else require_step(step, why)
         weights = self.weights_at(step)
