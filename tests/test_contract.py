@@ -154,9 +154,9 @@ def test_a_scheduled_weight_follows_the_step():
     mix = Mixture({"ar": (ARObjective(), linear_ramp(1.0, 0.0, steps=10)),
                    "md": (md(), linear_ramp(0.0, 1.0, steps=10))})
     x = tokens(10, 6)
-    assert mix.prepare(x, step=0, generator=gen(0)).segments == (("ar", 10), ("md", 0))
-    assert mix.prepare(x, step=3, generator=gen(0)).segments == (("ar", 7), ("md", 3))
-    assert mix.prepare(x, step=50, generator=gen(0)).segments == (("ar", 0), ("md", 10))
+    assert mix.prepare(x, step=0, generator=gen(0)).component_counts() == (("ar", 10), ("md", 0))
+    assert mix.prepare(x, step=3, generator=gen(0)).component_counts() == (("ar", 7), ("md", 3))
+    assert mix.prepare(x, step=50, generator=gen(0)).component_counts() == (("ar", 0), ("md", 10))
 
 
 # ---------------------------------------------------------------------------------------- the rows split
@@ -198,13 +198,13 @@ def test_mixture_rows_split_has_expected_loss_sum_of_weighted_component_losses()
         batch = mix.prepare(x, generator=gen(s))
         out = mix.loss(logits.expand(B, L, V), batch)
         losses.append(out.loss.item())
-        for name, n in batch.segments:
+        for name, n in batch.component_counts():
             rows[name].append(n)
         assert set(out.metrics) >= {"ar/loss", "ar/tokens", "md/loss", "md/tokens", "mlm/loss", "mlm/tokens"}
-        assert out.metrics["ar/tokens"].item() == dict(batch.segments)["ar"] * (L - 1)
-        if dict(batch.segments)["ar"]:
+        assert out.metrics["ar/tokens"].item() == dict(batch.component_counts())["ar"] * (L - 1)
+        if dict(batch.component_counts())["ar"]:
             assert out.metrics["ar/loss"].item() == pytest.approx(ar_ref, rel=1e-5)
-        if dict(batch.segments)["md"]:
+        if dict(batch.component_counts())["md"]:
             md_metric.append(out.metrics["md/loss"].item())
     losses = torch.tensor(losses, dtype=torch.float64)
     se = losses.std().item() / math.sqrt(draws)
@@ -249,7 +249,7 @@ def test_rows_split_refuses_components_that_change_the_row_shape():
         ok = Mixture({"ar": (ARObjective(), w), "bd": (Doubling(), 1 - w)}, split=split, steps_per_epoch=1,
                      rank=1, world_size=2)
         batch = ok.prepare(tokens(4, 6), step=0, generator=gen(0))
-        assert batch.shape == (4, 12) and batch.segments == (("ar", 0), ("bd", 4))
+        assert batch.shape == (4, 12) and batch.component_counts() == (("ar", 0), ("bd", 4))
 
 
 # ------------------------------------------------------------------------------------ other splits
@@ -262,7 +262,7 @@ def test_mixture_both_split_is_exactly_the_weighted_sum(normalize):
     mix = Mixture({k: (comps[k], weights[k]) for k in comps}, split="both", normalize=normalize)
     x = tokens(3, 8, seed=2)
     batch = mix.prepare(x, generator=gen(4))
-    assert batch.shape == (9, 8) and batch.segments == (("ar", 3), ("md", 3), ("mlm", 3))
+    assert batch.shape == (9, 8) and batch.component_counts() == (("ar", 3), ("md", 3), ("mlm", 3))
     logits = torch.randn(9, 8, V, generator=gen(5))
     out = mix.loss(logits, batch)
     g = gen(4)  # the components draw from the generator in order, as inside the mixture
@@ -281,7 +281,7 @@ def test_mixture_step_split_picks_each_component_with_its_weight():
     n = 1500
     hits = dict.fromkeys(weights, 0)
     for s in range(n):
-        segments = dict(mix.prepare(x, generator=gen(s)).segments)
+        segments = dict(mix.prepare(x, generator=gen(s)).component_counts())
         (name,) = [k for k, rows in segments.items() if rows]
         hits[name] += 1
     for name, w in weights.items():
@@ -303,9 +303,9 @@ def test_rank_rotation_for_three_components_is_exact():
                     alpha, rank=r, world_size=W, epoch=e)
     mix = Mixture({"a": (ARObjective(), 0.25), "b": (md(), 0.5), "c": (md(shift=False), 0.25)}, split="rank",
                   steps_per_epoch=3, rank=1, world_size=4)
-    assert [dict(mix.prepare(tokens(2, 5), step=s).segments) for s in (0, 3)] == [
+    assert [dict(mix.prepare(tokens(2, 5), step=s).component_counts()) for s in (0, 3)] == [
         {"a": 0, "b": 2, "c": 0}, {"a": 0, "b": 2, "c": 0}]
-    assert dict(mix.prepare(tokens(2, 5), step=6).segments)["c"] == 2
+    assert dict(mix.prepare(tokens(2, 5), step=6).component_counts())["c"] == 2
     with pytest.raises(DualObjError, match="multiples of 1/world_size"):
         rank_component([0.3, 0.7], rank=0, world_size=4, epoch=0)
 
@@ -319,7 +319,7 @@ def test_dual_is_the_two_component_mixture():
         a, b = dual.prepare(x, generator=gen(3)), mix.prepare(x, generator=gen(3))
         for field in ("input_ids", "labels", "weights", "causal"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (split, field)
-        assert a.segments == b.segments
+        assert a.component_counts() == b.component_counts()
 
 
 def test_split_draws_stay_on_the_host():
@@ -469,3 +469,52 @@ def test_mixture_example_from_the_docs():
     out = namespace["out"]
     assert math.isfinite(out.loss.item())
     assert {"ar/loss", "md/loss", "mlm/loss", "ar/tokens", "md/tokens", "mlm/tokens"} <= set(out.metrics)
+
+
+# ------------------------------------------------------------------------------------ component metrics
+
+
+def test_component_metrics_against_a_per_row_loop_and_across_stacked_batches():
+    mix = Mixture({"ar": (ARObjective(), 0.4), "md": (md(), 0.35), "mlm": (md(shift=False, weighting="none"), 0.25)})
+    parts = [mix.prepare(tokens(5, 8, seed=s), generator=gen(s)) for s in range(3)]
+    batch = Batch.cat(parts)  # e.g. micro-batches stacked: every name appears in several groups of rows
+    assert batch.component_names == ("ar", "md", "mlm") and batch.component.shape == (15,)
+    logits = torch.randn(15, 8, V, generator=gen(9))
+    out = mix.loss(logits, batch)
+    ce = F.cross_entropy(logits.reshape(-1, V), batch.labels.reshape(-1), reduction="none").view(15, 8)
+    for i, name in enumerate(batch.component_names):
+        rows = [r for r in range(15) if batch.component[r] == i]
+        total = sum(float((ce[r] * batch.weights[r] / (1 if batch.scale is None else batch.scale[r])).sum())
+                    for r in rows)
+        valid = sum(int(batch.valid_mask()[r].sum()) for r in rows)
+        tokens_ = sum(int((batch.labels[r] != IGNORE_INDEX).sum()) for r in rows)
+        assert out.metrics[f"{name}/loss"].item() == pytest.approx(total / max(valid, 1), rel=1e-5)
+        assert out.metrics[f"{name}/tokens"].item() == tokens_
+    assert dict(batch.component_counts()) == {
+        n: sum(dict(p.component_counts())[n] for p in parts) for n in batch.component_names}
+    # stacking batches of other mixtures (or none) drops the labels rather than mixing names up
+    assert Batch.cat([parts[0], ARObjective().prepare(tokens(2, 8))]).component is None
+
+
+def test_component_metrics_trace_once_whatever_the_row_counts():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    x = tokens(6, 7)
+    ar = ARObjective().prepare(x)
+
+    def metrics(logits, component):
+        batch = Batch(input_ids=ar.input_ids, labels=ar.labels, weights=ar.weights, causal=ar.causal,
+                      valid=ar.valid, component=component, component_names=("a", "b"))
+        out = cross_entropy(logits, batch)
+        return out.metrics["a/loss"], out.metrics["b/tokens"]
+
+    compiled = torch.compile(metrics, backend=counter, fullgraph=True)
+    logits = torch.randn(6, 7, V, generator=gen(0))
+    for split in (1, 4, 6):
+        component = (torch.arange(6) >= split).long()
+        got, want = compiled(logits, component), metrics(logits, component)
+        torch.testing.assert_close(got, want)
+        assert want[1].item() == (6 - split) * 6
+    assert counter.frame_count == 1

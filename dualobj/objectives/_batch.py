@@ -37,9 +37,10 @@ class Batch:
         scale: ``[B]`` float32 or ``None``. The mixing factor already multiplied into ``weights`` for each row
             (``ar_scale`` for AR rows, ``2α`` / ``2(1-α)`` for ``split="both"``); ``None`` means 1. Metrics divide
             it out so ``ar/loss`` and ``md/loss`` stay comparable across mixes.
-        segments: ``((name, rows), ...)`` or ``None``. Host metadata set by a mixture: the batch is the named
-            components' rows, in this order, each a contiguous group of ``rows`` rows (the counts sum to ``B``).
-            The loss then reports ``"<name>/loss"`` and ``"<name>/tokens"`` for each name.
+        component: ``[B]`` int64 on the **CPU**, or ``None``. Set by a mixture: the index into
+            ``component_names`` of the component that made each row. The loss then reports ``"<name>/loss"`` and
+            ``"<name>/tokens"`` for every name.
+        component_names: the mixture's component names (set together with ``component``), or ``None``.
     """
 
     input_ids: torch.Tensor
@@ -50,7 +51,8 @@ class Batch:
     t: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     scale: torch.Tensor | None = None
-    segments: tuple[tuple[str, int], ...] | None = None
+    component: torch.Tensor | None = None
+    component_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         ids = check_tensor("input_ids", self.input_ids, ndim=2, integer=True)
@@ -68,11 +70,22 @@ class Batch:
             check_tensor("valid", self.valid, shape=(B, L), dtypes=(torch.bool,))
         if self.scale is not None:
             check_tensor("scale", self.scale, shape=(B,), floating=True)
-        if self.segments is not None:
-            segments = tuple((str(name), int(rows)) for name, rows in self.segments)
-            if sum(rows for _, rows in segments) != B or any(rows < 0 for _, rows in segments):
-                raise fail("segments", f"(name, rows) pairs whose rows are >= 0 and sum to B = {B}", segments)
-            self.segments = segments
+        if (self.component is None) != (self.component_names is None):
+            raise fail("component", "set together with component_names, or both None",
+                       f"component={'set' if self.component is not None else None}, "
+                       f"component_names={self.component_names!r}")
+        if self.component is not None:
+            check_tensor("component", self.component, shape=(B,), dtypes=(torch.int64,))
+            if self.component.device.type != "cpu":
+                raise fail("component", "a CPU tensor (host metadata, like causal)", str(self.component.device))
+            self.component_names = tuple(self.component_names)
+
+    def component_counts(self) -> tuple[tuple[str, int], ...] | None:
+        """``((name, rows), ...)``: how many rows each mixture component made (read on the CPU: no device sync)."""
+        if self.component is None:
+            return None
+        counts = torch.bincount(self.component, minlength=len(self.component_names)).tolist()
+        return tuple(zip(self.component_names, counts))
 
     @property
     def shape(self) -> torch.Size:
@@ -137,30 +150,44 @@ class Batch:
             t=cat_opt("t", float("nan")),
             valid=valid,
             scale=cat_opt("scale", 1.0),
-            segments=(None if any(b.segments is None for b in batches)
-                      else tuple(seg for b in batches for seg in b.segments)),
+            **_cat_components(batches),
         )
 
 
-def segment_metrics(
-    scored: torch.Tensor, labelled: torch.Tensor, valid: torch.Tensor, segments: tuple[tuple[str, int], ...]
+def _cat_components(batches: list[Batch]) -> dict:
+    """The stacked ``component`` fields: kept when every batch carries the same names, dropped otherwise."""
+    names = batches[0].component_names
+    if names is None or any(b.component is None or b.component_names != names for b in batches):
+        return {"component": None, "component_names": None}
+    return {"component": torch.cat([b.component for b in batches]), "component_names": names}
+
+
+def component_metrics(
+    scored: torch.Tensor,
+    labelled: torch.Tensor,
+    valid: torch.Tensor,
+    component: torch.Tensor,
+    names: tuple[str, ...],
 ) -> dict[str, torch.Tensor]:
-    """Per-segment metrics: ``"<name>/loss"`` (``Σ w·CE / valid`` over its rows: the mean CE per target for
+    """Per-component metrics: ``"<name>/loss"`` (``Σ w·CE / valid`` over its rows: the mean CE per target for
     AR rows, the per-token bound for MD rows, mixing factors divided out) and ``"<name>/tokens"`` (its targets).
+
+    One ``[3, B] @ [B, k]`` product, with no Python branch on values, so a traced loss does not depend on how many
+    rows each component has.
 
     Args:
         scored: ``[B, L]`` detached ``weights / scale · CE`` (0 where unlabelled).
         labelled: ``[B, L]`` bool, the labelled positions.
         valid: ``[B, L]`` bool, the positions counted by ``normalize="valid"``.
-        segments: the batch's ``segments``.
+        component: ``[B]`` int64 component index per row, on the device of ``scored``.
+        names: the ``k`` component names.
     """
-    sizes = [rows for _, rows in segments]
-    rows = torch.stack([scored.sum(1), labelled.sum(1, dtype=torch.float32), valid.sum(1, dtype=torch.float32)], 1)
+    per_row = torch.stack([scored.sum(1), labelled.sum(1, dtype=scored.dtype), valid.sum(1, dtype=scored.dtype)])
+    sums = per_row @ torch.nn.functional.one_hot(component, len(names)).to(per_row.dtype)  # [3, k]
     out: dict[str, torch.Tensor] = {}
-    for (name, _), part in zip(segments, torch.split(rows, sizes)):
-        total, tokens, count = part.sum(0).unbind()
-        out[f"{name}/loss"] = total / count.clamp_min(1.0)
-        out[f"{name}/tokens"] = tokens
+    for i, name in enumerate(names):
+        out[f"{name}/loss"] = sums[0, i] / sums[2, i].clamp_min(1.0)
+        out[f"{name}/tokens"] = sums[1, i]
     return out
 
 

@@ -215,7 +215,7 @@ class Mixture(Objective):
         >>> from dualobj.objectives import ARObjective, MDObjective
         >>> mix = Mixture({"ar": (ARObjective(), 0.5), "md": (MDObjective(3, num_special=4), 0.5)})
         >>> batch = mix.prepare(torch.randint(4, 16, (4, 8)), generator=torch.Generator().manual_seed(0))
-        >>> batch.causal.tolist(), batch.segments
+        >>> batch.causal.tolist(), batch.component_counts()
         ([True, True, False, False], (('ar', 2), ('md', 2)))
     """
 
@@ -335,13 +335,18 @@ class Mixture(Objective):
         both = sum(counts[1:], counts[0])
         return [w * both / n.clamp_min(1.0) for w, n in zip(weights, counts)]
 
-    def _concat(self, parts: list[Batch], segments: list[tuple[str, int]]) -> Batch:
+    def _label(self, batch: Batch, counts: list[int]) -> Batch:
+        """``batch`` with its rows' component indices (``counts[i]`` rows of component ``i``, in order)."""
+        index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+        return dataclasses.replace(batch, component=index, component_names=self.names)
+
+    def _concat(self, parts: list[Batch], counts: list[int]) -> Batch:
         try:
             batch = parts[0] if len(parts) == 1 else Batch.cat(parts)
         except DualObjError as err:
             raise fail("split", f"components whose batches stack into one (split={self.split!r}); use split='step' "
                        "or 'rank' for components with another row length or attention layout", str(err)) from err
-        return dataclasses.replace(batch, segments=tuple(segments))
+        return self._label(batch, counts)
 
     def _check_rows(self, name: str, batch: Batch, rows: int, length: int) -> None:
         if tuple(batch.shape) != (rows, length):
@@ -368,8 +373,8 @@ class Mixture(Objective):
             generator: the source of randomness.
 
         Returns:
-            A :class:`Batch` whose ``segments`` name each component's rows: ``B`` rows (``k·B`` for
-            ``split="both"``), components in the order given.
+            A :class:`Batch` whose ``component`` / ``component_names`` name each row's component: ``B`` rows
+            (``k·B`` for ``split="both"``), components in the order given.
         """
         B, L = check_tokens(tokens, doc_ids, prompt_lengths, values=False)  # the components check the values
         why = self._why_step()
@@ -386,7 +391,7 @@ class Mixture(Objective):
                 parts.append(part)
             factors = self._both_factors(weights, parts)
             parts = [scaled(p, f * self._scales[n]) for p, f, n in zip(parts, factors, self.names)]
-            return self._concat(parts, [(name, B) for name in self.names])
+            return self._concat(parts, [B] * len(self.names))
         if self.split == "rows":
             counts = row_counts(weights, B, generator)
             parts, start = [], 0
@@ -396,7 +401,7 @@ class Mixture(Objective):
                     self._check_rows(name, part, n, L)
                     parts.append(scaled(part, self._scales[name]))
                 start += n
-            return self._concat(parts, list(zip(self.names, counts)))
+            return self._concat(parts, counts)
         if self.split == "step":
             u = host_uniform(generator)
             chosen = max(i for i, w in enumerate(weights) if w > 0)  # when rounding leaves u past the last sum
@@ -411,7 +416,7 @@ class Mixture(Objective):
         name = self.names[chosen]
         batch = scaled(self.objectives[name].prepare(tokens, **kw), self._scales[name])
         rows = batch.shape[0]
-        return dataclasses.replace(batch, segments=tuple((n, rows if n == name else 0) for n in self.names))
+        return self._label(batch, [rows if n == name else 0 for n in self.names])
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n!r}: ({self.objectives[n]!r}, {self.weights[n]!r})" for n in self.names)
