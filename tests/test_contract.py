@@ -313,9 +313,8 @@ def test_rank_rotation_for_three_components_is_exact():
 def test_dual_is_the_two_component_mixture():
     x = tokens(6, 7)
     for split in ("rows", "both", "step"):
-        dual = DualObjective(0.4, md=md(), split=split, ar_scale=2.0)
+        dual = DualObjective(0.4, md=md(), split=split)
         mix = Mixture({"ar": (ARObjective(), 0.4), "md": (md(), 0.6)}, split=split)
-        mix._scales["ar"] = 2.0
         a, b = dual.prepare(x, generator=gen(3)), mix.prepare(x, generator=gen(3))
         for field in ("input_ids", "labels", "weights", "causal"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (split, field)
@@ -332,6 +331,35 @@ def test_split_draws_stay_on_the_host():
     for s in range(20):
         u = torch.rand((), generator=gen(s)).item()
         assert dual.prepare(x, generator=gen(s)).num_causal == 2 + (u <= 0.1 + 1e-12)
+
+
+class _DeviceGenerator:
+    """Stands in for a CUDA generator: its seed and Philox offset are host-side numbers."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed: int, offset: int = 0) -> None:
+        self.seed, self.offset = seed, offset
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+
+def test_a_device_generator_decides_on_the_host_reproducibly():
+    from dualobj.objectives._mixture import host_uniform
+
+    a, b = _DeviceGenerator(7), _DeviceGenerator(7)
+    draws_a = [host_uniform(a) for _ in range(5)]
+    assert draws_a == [host_uniform(b) for _ in range(5)]  # same seed, same decisions
+    assert len(set(draws_a)) == 5 and all(0 <= u < 1 for u in draws_a)  # the offset moves on: fresh draws
+    assert a.offset == 20 and a.offset % 4 == 0
+    assert host_uniform(_DeviceGenerator(8)) != draws_a[0]
 
 
 # ------------------------------------------------------------------------------------------- bad input
