@@ -374,6 +374,7 @@ def test_a_device_generator_decides_on_the_host_reproducibly():
         (lambda: Mixture({"ar": (ARObjective(), 0.5), "md": (md(), 0.5)}, split="layers"), "split: expected one of"),
         (lambda: Mixture({"ar": (ARObjective(), 0.5), "x": ("md", 0.5)}), r"components\['x'\]: expected an objective"),
         (lambda: Mixture([("a", ARObjective(), 0.5), ("a", md(), 0.5)]), "components: expected distinct names"),
+        (lambda: Mixture({"ar": (ARObjective, 1.0)}), r"components\['ar'\]: expected an objective"),
         (lambda: Mixture({}), "components: expected at least one component"),
         (lambda: Mixture({"a/b": (ARObjective(), 1.0)}), "components: expected names"),
         (lambda: Mixture({"ar": ARObjective()}), r"components\['ar'\]: expected an \(objective, weight\) pair"),

@@ -62,7 +62,7 @@ class DualObjectiveTrainer(Trainer):
     def __init__(
         self, *args: Any, objective: ObjectiveProtocol, normalize: Normalize | None = None, **kwargs: Any
     ) -> None:
-        if not isinstance(objective, ObjectiveProtocol):
+        if isinstance(objective, type) or not isinstance(objective, ObjectiveProtocol):
             raise fail_type("objective", "a dualobj objective (with prepare and loss)", describe(objective))
         normalize = getattr(objective, "normalize", "valid") if normalize is None else normalize
         check_choice("normalize", normalize, NORMALIZERS)

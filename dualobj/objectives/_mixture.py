@@ -279,7 +279,7 @@ class Mixture(Objective):
             if name in seen:
                 raise fail("components", "distinct names", f"{name!r} twice")
             seen.add(name)
-            if not isinstance(objective, ObjectiveProtocol):
+            if isinstance(objective, type) or not isinstance(objective, ObjectiveProtocol):
                 raise fail_type(f"components[{name!r}]", "an objective (with prepare and loss)", describe(objective))
             if not callable(weight):
                 weight = check_number(f"weights[{name!r}]", weight, low=0.0, high=1.0)
