@@ -21,7 +21,15 @@ from dualobj._errors import (
     fail,
     fail_type,
 )
-from dualobj.objectives._base import Normalize, Objective, ObjectiveProtocol, check_step, check_tokens, require_step
+from dualobj.objectives._base import (
+    Normalize,
+    Objective,
+    ObjectiveProtocol,
+    as_long,
+    check_step,
+    check_tokens,
+    require_step,
+)
 from dualobj.objectives._batch import Batch
 from dualobj.objectives._ce import normalizer
 
@@ -380,7 +388,7 @@ class Mixture(Objective):
         why = self._why_step()
         step = check_step(step) if why is None else require_step(step, why)
         weights = self.weights_at(step)
-        tokens = tokens.long()
+        tokens, doc_ids = tokens.long(), as_long(doc_ids)
         kw = {"step": step, "doc_ids": doc_ids, "prompt_lengths": prompt_lengths, "generator": generator}
 
         if self.split == "both":
