@@ -547,3 +547,26 @@ def test_component_metrics_trace_once_whatever_the_row_counts():
         torch.testing.assert_close(got, want)
         assert want[1].item() == (6 - split) * 6
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------------------------------------------------ packaging
+
+
+def test_the_package_ships_py_typed_as_package_data():
+    import importlib.resources
+
+    assert importlib.resources.files("dualobj").joinpath("py.typed").is_file()
+    pyproject = (DOCS.parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^dualobj = \[.*"py\.typed".*\]', section, flags=re.M)
+
+
+def test_integrations_import_only_public_names_of_other_packages():
+    import ast
+
+    for path in (DOCS.parents[1] / "dualobj" / "integrations").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dualobj."):
+                parts = node.module.split(".")
+                private_elsewhere = parts[1] != "integrations" and any(p.startswith("_") for p in parts[2:])
+                assert not private_elsewhere, f"{path.name} imports {node.module}"
