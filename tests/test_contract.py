@@ -13,6 +13,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dualobj
 from dualobj import DualObjError
@@ -570,3 +572,41 @@ def test_integrations_import_only_public_names_of_other_packages():
                 parts = node.module.split(".")
                 private_elsewhere = parts[1] != "integrations" and any(p.startswith("_") for p in parts[2:])
                 assert not private_elsewhere, f"{path.name} imports {node.module}"
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.lists(st.integers(0, 20), min_size=1, max_size=5).filter(any), B=st.integers(0, 40),
+       u=st.floats(0, 1, exclude_max=True))
+def test_row_counts_always_sum_to_B_and_round_each_share(raw, B, u):
+    import dualobj.objectives._mixture as mixture
+
+    weights = [r / sum(raw) for r in raw]
+    real = mixture.host_uniform
+    mixture.host_uniform = lambda g: u
+    try:
+        counts = row_counts(weights, B, None)
+    finally:
+        mixture.host_uniform = real
+    assert sum(counts) == B and len(counts) == len(weights)
+    for n, w in zip(counts, weights):
+        assert math.floor(w * B - 1e-9) <= n <= math.ceil(w * B + 1e-9)
+        if w == 0:
+            assert n == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(W=st.sampled_from([1, 2, 4, 6, 8, 12]), data=st.data())
+def test_rank_rotation_is_exact_for_any_weights_on_the_rank_grid(W, data):
+    k = data.draw(st.integers(1, 4))
+    cuts = sorted(data.draw(st.lists(st.integers(0, W), min_size=k - 1, max_size=k - 1)))
+    counts = [b - a for a, b in zip([0, *cuts], [*cuts, W])]
+    weights = [c / W for c in counts]
+    d = math.lcm(*(W // math.gcd(c, W) for c in counts))
+    for epoch in range(3):
+        picks = [rank_component(weights, rank=r, world_size=W, epoch=epoch) for r in range(W)]
+        assert [picks.count(i) for i in range(k)] == counts
+    for r in range(W):
+        picks = [rank_component(weights, rank=r, world_size=W, epoch=e) for e in range(d)]
+        assert [picks.count(i) * W for i in range(k)] == [c * d for c in counts]
