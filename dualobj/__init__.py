@@ -12,6 +12,8 @@ from dualobj.objectives import (
     DualObjective,
     LossOutput,
     MDObjective,
+    Mixture,
+    Objective,
     cross_entropy,
     global_loss,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "DualObjective",
     "LossOutput",
     "MDObjective",
+    "Mixture",
+    "Objective",
     "__version__",
     "cross_entropy",
     "global_loss",

@@ -43,6 +43,7 @@ def main(steps: int = 20, micro_batches: int = 2, batch_size: int = 4, seed: int
     loss_value = float("nan")
     for step in range(steps):
         # 1. prepare every micro-batch of the step, so the denominator is known before any backward
+        #    (every objective takes step=; one with a scheduled weight needs it)
         starts = torch.randint(0, train.shape[0] - batch_size + 1, (micro_batches,), generator=generator)
         batches = [objective.prepare(train[s : s + batch_size], step=step, generator=generator) for s in starts]
         count = global_count(batch_count(batches))  # summed over micro-batches, then over ranks

@@ -217,6 +217,32 @@ def test_trainer_rejects_a_non_objective(tmp_path):
         DualObjectiveTrainer(model=tiny_llama(), objective="dual")
 
 
+def test_trainer_hands_the_global_step_to_any_objective(tmp_path):
+    from dualobj.integrations import DualObjectiveTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    # AR at steps 0..1, MD from step 2: only right if the trainer passes its global step
+    scheduled = DualObjective(lambda step: 1.0 if step < 2 else 0.0, md=MDObjective(3, num_special=4), split="step")
+    trainer = DualObjectiveTrainer(model=tiny_llama(), args=args, objective=scheduled)
+    ids = {"input_ids": torch.randint(4, 40, (2, 6), generator=torch.Generator().manual_seed(0))}
+    trainer.state.global_step = 1
+    assert trainer._prepare_objective(ids).causal.all()
+    trainer.state.global_step = 2
+    assert not trainer._prepare_objective(ids).causal.any()
+
+    class Plain:  # follows the contract without subclassing Objective
+        def prepare(self, tokens, *, step=None, doc_ids=None, prompt_lengths=None, generator=None):
+            assert step == 2
+            return ARObjective().prepare(tokens, doc_ids=doc_ids, prompt_lengths=prompt_lengths)
+
+        def loss(self, output, batch, *, head=None, bias=None, chunk_size=None):
+            return cross_entropy(output, batch)
+
+    plain = DualObjectiveTrainer(model=tiny_llama(), args=args, objective=Plain())
+    plain.state.global_step = 2
+    assert plain.normalize == "valid" and plain._prepare_objective(ids).causal.all()
+
+
 def test_hf_trainer_example_trains(tmp_path):
     example = load_example("hf_trainer")
     trainer = example.build_trainer(str(tmp_path), steps=3, accumulation=2)

@@ -28,9 +28,9 @@ from dualobj.schedules import (
     TimeSampler,
     UniformSampler,
     constant,
-    cosine,
+    cosine_ramp,
     join,
-    linear,
+    linear_ramp,
     repetition_alpha,
     repetition_rule,
     sample_counts,
@@ -365,21 +365,21 @@ def test_sample_counts_marginal_is_uniform_and_empty_rows_are_zero():
 )
 def test_linear_and_cosine_match_interpolation(start, end, steps, begin, step):
     want = float(np.interp(step, [begin, begin + steps], [start, end]))
-    assert linear(start, end, steps, begin=begin)(step) == pytest.approx(want, abs=1e-12)
+    assert linear_ramp(start, end, steps, begin=begin)(step) == pytest.approx(want, abs=1e-12)
     p = min(max((step - begin) / steps, 0), 1)
-    assert cosine(start, end, steps, begin=begin)(step) == pytest.approx(
+    assert cosine_ramp(start, end, steps, begin=begin)(step) == pytest.approx(
         end + (start - end) * (1 + math.cos(PI * p)) / 2, abs=1e-12
     )
-    assert 0 <= linear(start, end, steps, begin=begin)(step) <= 1
+    assert 0 <= linear_ramp(start, end, steps, begin=begin)(step) <= 1
 
 
 def test_step_schedules_values_and_join_like_optax():
     assert constant(0.25)(0) == constant(0.25)(10**9) == 0.25
     w = warmup(0.5, 100, start=1.0)
     assert (w(0), w(50), w(100), w(10**6)) == (1.0, 0.75, 0.5, 0.5)
-    c = cosine(1.0, 0.0, 10)
+    c = cosine_ramp(1.0, 0.0, 10)
     assert (c(0), c(5), c(10)) == (1.0, pytest.approx(0.5), pytest.approx(0.0))
-    parts = [constant(1.0), linear(1.0, 0.5, steps=10), cosine(0.5, 0.25, steps=4)]
+    parts = [constant(1.0), linear_ramp(1.0, 0.5, steps=10), cosine_ramp(0.5, 0.25, steps=4)]
     s = join(parts, [100, 200])
 
     def brute(step):  # each piece sees the steps since its boundary
@@ -394,13 +394,13 @@ def test_step_schedules_values_and_join_like_optax():
 
 
 def test_step_schedules_are_pure_and_picklable():
-    s = join([warmup(0.9, 50, start=1.0), cosine(0.9, 0.2, 300)], [50])
+    s = join([warmup(0.9, 50, start=1.0), cosine_ramp(0.9, 0.2, 300)], [50])
     forward = [s(i) for i in range(400)]
     resumed = [s(i) for i in range(399, -1, -1)][::-1]  # any order, any restart: same numbers
     assert forward == resumed
     clone = pickle.loads(pickle.dumps(s))
     assert clone == s and [clone(i) for i in range(400)] == forward
-    assert repr(linear(0.3, 0.15, 10)) == "linear(0.3, 0.15, steps=10, begin=0)"
+    assert repr(linear_ramp(0.3, 0.15, 10)) == "linear_ramp(0.3, 0.15, steps=10, begin=0)"
 
 
 def test_repetition_rule_follows_the_paper():
@@ -420,7 +420,7 @@ def test_step_schedule_drives_the_dual_objective():
 
 
 def test_mask_rate_schedule_feeds_random_mask():
-    rate = linear(0.30, 0.15, steps=1000)
+    rate = linear_ramp(0.30, 0.15, steps=1000)
     for step, want in ((0, 30), (500, 22), (1000, 15)):  # 100 tokens: round(rate·100) masked
         mask = random_mask((4, 100), rate(step), rounding="floor", generator=torch.Generator().manual_seed(0))
         assert mask.sum(1).tolist() == [math.floor(rate(step) * 100)] * 4 == [want] * 4
@@ -466,10 +466,10 @@ def test_time_outside_unit_interval_is_rejected(schedule, bad):
         (lambda: sample_counts(torch.tensor([[3]])), "n: expected a 1-D tensor"),
         (lambda: constant(1.5), r"value: expected a number in \[0, 1\], got 1.5"),
         (lambda: constant(-0.01), "value: expected a number in"),
-        (lambda: linear(-0.1, 0.5, 10), r"start: expected a number in \[0, 1\]"),
-        (lambda: cosine(0.5, 2.0, 10), "end: expected"),
+        (lambda: linear_ramp(-0.1, 0.5, 10), r"start: expected a number in \[0, 1\]"),
+        (lambda: cosine_ramp(0.5, 2.0, 10), "end: expected"),
         (lambda: warmup(1.2, 10), "end: expected"),
-        (lambda: linear(0.1, 0.5, 0), "steps: expected an int >= 1, got 0"),
+        (lambda: linear_ramp(0.1, 0.5, 0), "steps: expected an int >= 1, got 0"),
         (
             lambda: join([constant(1.0), lambda step: 2.0], [5])(7),
             r"schedules\[1\]\(2\): expected a number in \[0, 1\], got 2.0",
@@ -479,7 +479,7 @@ def test_time_outside_unit_interval_is_rejected(schedule, bad):
         (lambda: join([], []), "schedules: expected at least one schedule"),
         (lambda: join([0.5], []), r"schedules\[0\]: expected a callable"),
         (lambda: constant(0.5)(-1), "step: expected a finite number >= 0, got -1"),
-        (lambda: linear(0.1, 0.5, 10)("3"), "step: expected"),
+        (lambda: linear_ramp(0.1, 0.5, 10)("3"), "step: expected"),
         (lambda: repetition_rule(0), "repetitions: expected a finite number > 0, got 0"),
         (lambda: repetition_rule(8, effective_repetitions=-1), "effective_repetitions"),
         (lambda: repetition_rule(8, cap=1.5), r"cap: expected a number in \[0, 1\]"),
@@ -488,3 +488,24 @@ def test_time_outside_unit_interval_is_rejected(schedule, bad):
 def test_bad_arguments_raise_with_the_argument_expected_and_received(build, pattern):
     with pytest.raises(DualObjError, match=pattern):
         build()
+
+
+def test_schedule_from_alpha_refuses_an_increasing_alpha():
+    # α(t) = t rises: w(t) = −α'(t)/(1 − α(t)) = −1/(1 − t) would be negative everywhere.
+    with pytest.raises(DualObjError, match=r"alpha_fn: expected a non-increasing α\(t\)"):
+        schedule_from_alpha(lambda t: t)
+    # a rise on (0.4, 0.5) only, values staying in [0, 1], is caught too
+    with pytest.raises(DualObjError, match="non-increasing"):
+        schedule_from_alpha(lambda t: torch.where((t > 0.4) & (t < 0.5), 0.6 + (t - 0.4), 1 - t))
+    # a flat stretch is allowed (weight 0 there), and a decreasing α gives weights >= 0
+    flat = schedule_from_alpha(lambda t: (1 - 2 * t).clamp(0, 1))
+    assert (flat.weight(torch.tensor([0.25, 0.75])) >= 0).all()
+
+
+def test_step_ramps_are_not_noise_schedules():
+    # the two families have distinct names and kinds of argument: a step (int) versus a time tensor
+    import dualobj.schedules as S
+
+    assert not hasattr(S, "linear") and not hasattr(S, "cosine") and not hasattr(S, "AlphaSchedule")
+    assert isinstance(LinearSchedule(), S.NoiseScheduleBase) and not isinstance(linear_ramp(0, 1, 2), NoiseSchedule)
+    assert linear_ramp(0.0, 1.0, 4)(2) == 0.5

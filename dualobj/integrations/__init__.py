@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from dualobj.integrations._masks import additive_attention_mask, allowed_keys, layout_allowed_keys
-from dualobj.objectives._distributed import batch_count, global_count, global_loss
+from dualobj.objectives import batch_count, global_count, global_loss
 
 __all__ = [
     "DualObjectiveTrainer",

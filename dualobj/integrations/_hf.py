@@ -3,18 +3,16 @@ over the whole accumulated batch and every device."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from dualobj._errors import check_choice, describe, fail
+from dualobj._errors import check_choice, describe, fail, fail_type
 from dualobj.integrations._masks import additive_attention_mask
 from dualobj.metrics import NLLPerToken
-from dualobj.objectives import NORMALIZERS, Batch, LossOutput, Objective, cross_entropy
-from dualobj.objectives._distributed import batch_count
+from dualobj.objectives import NORMALIZERS, Batch, LossOutput, Normalize, ObjectiveProtocol, batch_count, cross_entropy
 
 BATCH_KEY = "dualobj_batch"
 """Key under which :class:`DualObjectiveTrainer` stores the prepared :class:`Batch` in an inputs dict."""
@@ -49,8 +47,10 @@ class DualObjectiveTrainer(Trainer):
     carrying ``doc_ids`` or ``prompt_lengths`` (the model's forward does not take them).
 
     Args:
-        objective: the objective (``ARObjective``, ``MDObjective`` or ``DualObjective``).
-        normalize: the denominator (default: the objective's own ``normalize``).
+        objective: any objective following :class:`~dualobj.objectives.ObjectiveProtocol` (``ARObjective``,
+            ``MDObjective``, ``DualObjective``, a ``Mixture``, your own). Its ``prepare`` receives
+            ``step=state.global_step``.
+        normalize: the denominator (default: the objective's own ``normalize``, else ``"valid"``).
         *args, **kwargs: passed to ``transformers.Trainer``.
 
     Attributes:
@@ -59,10 +59,12 @@ class DualObjectiveTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, objective: Objective, normalize: str | None = None, **kwargs: Any) -> None:
-        if not isinstance(objective, Objective):
-            raise fail("objective", "a dualobj Objective", describe(objective))
-        normalize = objective.normalize if normalize is None else normalize
+    def __init__(
+        self, *args: Any, objective: ObjectiveProtocol, normalize: Normalize | None = None, **kwargs: Any
+    ) -> None:
+        if isinstance(objective, type) or not isinstance(objective, ObjectiveProtocol):
+            raise fail_type("objective", "a dualobj objective (with prepare and loss)", describe(objective))
+        normalize = getattr(objective, "normalize", "valid") if normalize is None else normalize
         check_choice("normalize", normalize, NORMALIZERS)
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -71,7 +73,6 @@ class DualObjectiveTrainer(Trainer):
         # gradient accumulation; our compute_loss never passes loss kwargs to the model.
         self.model_accepts_loss_kwargs = True
         self.last_output: LossOutput | None = None
-        self._takes_step = "step" in inspect.signature(objective.prepare).parameters
         self._eval_metric: NLLPerToken | None = None
         self.last_output_labels: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(int(self.args.seed) * 1009 + int(self.args.process_index))
@@ -79,10 +80,9 @@ class DualObjectiveTrainer(Trainer):
     def _prepare_objective(self, inputs: dict[str, Any]) -> Batch:
         if "input_ids" not in inputs:
             raise fail("inputs", "a dict with 'input_ids' [B, L] (clean tokens)", sorted(inputs))
-        step = {"step": int(self.state.global_step)} if self._takes_step else {}
         return self.objective.prepare(
             inputs["input_ids"],
-            **step,
+            step=int(self.state.global_step),
             doc_ids=inputs.get("doc_ids"),
             prompt_lengths=inputs.get("prompt_lengths"),
             generator=self._generator,
@@ -129,7 +129,7 @@ class DualObjectiveTrainer(Trainer):
         )
         outputs = model(input_ids=batch.input_ids, attention_mask=mask)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        out = cross_entropy(logits, batch, z_loss=self.objective.z_loss, normalize=self.normalize)
+        out = cross_entropy(logits, batch, z_loss=getattr(self.objective, "z_loss", 0.0), normalize=self.normalize)
         self.last_output = out
         self.last_output_labels = batch.labels
         if self._eval_metric is not None and not model.training:

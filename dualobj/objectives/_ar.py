@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from dualobj.objectives._base import Objective, check_tokens, same_document_next, shift_left
+from dualobj._errors import check_int
+from dualobj.objectives._base import (
+    Normalize,
+    Objective,
+    as_long,
+    check_step,
+    check_tokens,
+    same_document_next,
+    shift_left,
+)
 from dualobj.objectives._batch import IGNORE_INDEX, Batch
 
 
@@ -27,14 +36,15 @@ class ARObjective(Objective):
         ([[6, 7, -100]], [True])
     """
 
-    def __init__(self, *, pad_id: int | None = None, z_loss: float = 0.0, normalize: str = "valid") -> None:
+    def __init__(self, *, pad_id: int | None = None, z_loss: float = 0.0, normalize: Normalize = "valid") -> None:
         super().__init__(z_loss=z_loss, normalize=normalize)
-        self.pad_id = pad_id
+        self.pad_id = None if pad_id is None else check_int("pad_id", pad_id, low=0)
 
     def prepare(
         self,
         tokens: torch.Tensor,
         *,
+        step: int | None = None,
         doc_ids: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -42,12 +52,15 @@ class ARObjective(Objective):
         """Build the AR batch from ``tokens [B, L]``; deterministic (``generator`` is accepted and unused).
 
         Args:
-            tokens: ``[B, L]`` integer ids.
+            tokens: ``[B, L]`` ids of any integer dtype (the batch holds them as int64).
+            step: accepted and ignored (AR does not depend on the step); checked when given.
             doc_ids: ``[B, L]`` document ids of packed rows (targets never cross a boundary).
             prompt_lengths: ``[B]``; tokens ``< prompt_lengths[b]`` are context only, never targets.
             generator: unused (AR is deterministic); accepted so every objective has one signature.
         """
         B, L = check_tokens(tokens, doc_ids, prompt_lengths)
+        check_step(step)
+        tokens, doc_ids = tokens.long(), as_long(doc_ids)
         device = tokens.device
         target_ok = same_document_next(doc_ids, B, L, device)
         if self.pad_id is not None:

@@ -49,6 +49,10 @@ class Batch:
             from 0 in each packed document. Block-diffusion batches set them: ``0 .. L-1`` (per document) in both
             halves.
         block_size: ``None``, or the block size of a block-diffusion batch (rows ``[x_t ; x_0]``).
+        component: ``[B]`` int64 on the **CPU**, or ``None``. Set by a mixture: the index into
+            ``component_names`` of the component that made each row. The loss then reports ``"<name>/loss"`` and
+            ``"<name>/tokens"`` for every name.
+        component_names: the mixture's component names (set together with ``component``), or ``None``.
     """
 
     input_ids: torch.Tensor
@@ -61,6 +65,8 @@ class Batch:
     scale: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     block_size: int | None = None
+    component: torch.Tensor | None = None
+    component_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         ids = check_tensor("input_ids", self.input_ids, ndim=2, integer=True)
@@ -88,6 +94,15 @@ class Batch:
                            f"shape {list(ids.shape)}")
             check_int("block_size", self.block_size, low=1, high=L // 2)
             tag_block_rows(self.causal, self.block_size)
+        if (self.component is None) != (self.component_names is None):
+            raise fail("component", "set together with component_names, or both None",
+                       f"component={'set' if self.component is not None else None}, "
+                       f"component_names={self.component_names!r}")
+        if self.component is not None:
+            check_tensor("component", self.component, shape=(B,), dtypes=(torch.int64,))
+            if self.component.device.type != "cpu":
+                raise fail("component", "a CPU tensor (host metadata, like causal)", str(self.component.device))
+            self.component_names = tuple(self.component_names)
 
     @property
     def layout(self) -> AttentionLayout:
@@ -103,6 +118,13 @@ class Batch:
         docs = None if self.doc_ids is None else self.doc_ids[:, :half]
         return AttentionLayout(causal=self.causal, doc_ids=docs, block_size=self.block_size,
                                position_ids=self.position_ids)
+
+    def component_counts(self) -> tuple[tuple[str, int], ...] | None:
+        """``((name, rows), ...)``: how many rows each mixture component made (read on the CPU: no device sync)."""
+        if self.component is None:
+            return None
+        counts = torch.bincount(self.component, minlength=len(self.component_names)).tolist()
+        return tuple(zip(self.component_names, counts))
 
     @property
     def shape(self) -> torch.Size:
@@ -188,7 +210,45 @@ class Batch:
             scale=cat_opt("scale", 1.0),
             position_ids=cat_opt("position_ids"),
             block_size=batches[0].block_size,
+            **_cat_components(batches),
         )
+
+
+def _cat_components(batches: list[Batch]) -> dict:
+    """The stacked ``component`` fields: kept when every batch carries the same names, dropped otherwise."""
+    names = batches[0].component_names
+    if names is None or any(b.component is None or b.component_names != names for b in batches):
+        return {"component": None, "component_names": None}
+    return {"component": torch.cat([b.component for b in batches]), "component_names": names}
+
+
+def component_metrics(
+    scored: torch.Tensor,
+    labelled: torch.Tensor,
+    valid: torch.Tensor,
+    component: torch.Tensor,
+    names: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """Per-component metrics: ``"<name>/loss"`` (``Σ w·CE / valid`` over its rows: the mean CE per target for
+    AR rows, the per-token bound for MD rows, mixing factors divided out) and ``"<name>/tokens"`` (its targets).
+
+    One ``[3, B] @ [B, k]`` product, with no Python branch on values, so a traced loss does not depend on how many
+    rows each component has.
+
+    Args:
+        scored: ``[B, L]`` detached ``weights / scale · CE`` (0 where unlabelled).
+        labelled: ``[B, L]`` bool, the labelled positions.
+        valid: ``[B, L]`` bool, the positions counted by ``normalize="valid"``.
+        component: ``[B]`` int64 component index per row, on the device of ``scored``.
+        names: the ``k`` component names.
+    """
+    per_row = torch.stack([scored.sum(1), labelled.sum(1, dtype=scored.dtype), valid.sum(1, dtype=scored.dtype)])
+    sums = per_row @ torch.nn.functional.one_hot(component, len(names)).to(per_row.dtype)  # [3, k]
+    out: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        out[f"{name}/loss"] = sums[0, i] / sums[2, i].clamp_min(1.0)
+        out[f"{name}/tokens"] = sums[1, i]
+    return out
 
 
 @dataclass

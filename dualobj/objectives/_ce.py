@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dualobj._errors import check_choice, check_tensor, fail
-from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
+from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput, component_metrics
 
 NORMALIZERS = ("valid", "positions", "targets", "none")
 """What ``count`` is: ``"valid"`` scorable positions (the per-token ELBO for MD rows; the targets for AR rows),
@@ -88,6 +88,10 @@ def finish(
             "md/mask_rate": md_n / md_v.clamp_min(1.0),
             "accuracy": (correct & labelled).sum(dtype=torch.float32) / all_n.clamp_min(1.0),
         }
+        if batch.component is not None:  # a mixture's batch: metrics per named component as well
+            component = batch.component.to(device=ce.device, non_blocking=True)
+            metrics.update(component_metrics(ce * base_w * labelled, labelled, batch.valid_mask(), component,
+                                             batch.component_names))
         if lse_sq is not None:
             metrics["z_loss"] = (lse_sq * labelled).sum() / all_n.clamp_min(1.0)
     return LossOutput(loss=loss, total=total, count=count, metrics=metrics)

@@ -116,6 +116,7 @@ class MDObjective(Objective):
         self,
         tokens: torch.Tensor,
         *,
+        step: int | None = None,
         doc_ids: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -124,6 +125,7 @@ class MDObjective(Objective):
 
         Args:
             tokens: ``[B, L]`` clean integer ids (must not contain ``mask_token_id``).
+            step: accepted and ignored (this objective does not depend on the step).
             doc_ids: ``[B, L]`` document ids of packed rows.
             prompt_lengths: ``[B]``; tokens before this position are never masked (conditioning prompt).
             generator: the source of randomness; the same seed gives the same batch on any device.

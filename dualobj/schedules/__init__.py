@@ -6,30 +6,30 @@
 - Time samplers (``sampler(n, device=, generator=) -> TimeSample`` of ``[n]`` tensors): :class:`UniformSampler`,
   :class:`AntitheticSampler`, :class:`KumaraswamySampler` (importance weights); :func:`sample_counts` for the
   exact-count ELBO evaluation (``k ~ U{1..n}``, weight ``n/k``).
-- Step schedules (``step -> value in [0, 1]``, for α or a mask rate): :func:`constant`, :func:`linear`,
-  :func:`cosine`, :func:`warmup`, :func:`join`, :func:`repetition_rule` / :func:`repetition_alpha`.
+- Step schedules (``step -> value in [0, 1]``, for α or a mask rate): :func:`constant`, :func:`linear_ramp`,
+  :func:`cosine_ramp`, :func:`warmup`, :func:`join`, :func:`repetition_rule` / :func:`repetition_alpha`.
 """
 
-from dualobj.schedules._alpha import (
-    StepSchedule,
-    constant,
-    cosine,
-    join,
-    linear,
-    repetition_alpha,
-    repetition_rule,
-    warmup,
-)
 from dualobj.schedules._noise import (
-    AlphaSchedule,
     AutogradSchedule,
     CosineSchedule,
     GeometricSchedule,
     LinearSchedule,
     LogSchedule,
     NoiseSchedule,
+    NoiseScheduleBase,
     PolynomialSchedule,
     schedule_from_alpha,
+)
+from dualobj.schedules._steps import (
+    StepSchedule,
+    constant,
+    cosine_ramp,
+    join,
+    linear_ramp,
+    repetition_alpha,
+    repetition_rule,
+    warmup,
 )
 from dualobj.schedules._time import (
     AntitheticSampler,
@@ -42,7 +42,6 @@ from dualobj.schedules._time import (
 )
 
 __all__ = [
-    "AlphaSchedule",
     "AntitheticSampler",
     "AutogradSchedule",
     "CosineSchedule",
@@ -52,15 +51,16 @@ __all__ = [
     "LinearSchedule",
     "LogSchedule",
     "NoiseSchedule",
+    "NoiseScheduleBase",
     "PolynomialSchedule",
     "StepSchedule",
     "TimeSample",
     "TimeSampler",
     "UniformSampler",
     "constant",
-    "cosine",
+    "cosine_ramp",
     "join",
-    "linear",
+    "linear_ramp",
     "repetition_alpha",
     "repetition_rule",
     "sample_counts",

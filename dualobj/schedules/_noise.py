@@ -16,13 +16,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_number, check_tensor, describe, fail, validation_enabled
 
 HALF_PI = math.pi / 2.0
+
+CosineForm = Literal["1-sin", "cos", "cos^2"]
+"""The three cosine schedules of the literature (see :class:`CosineSchedule`)."""
 
 
 @runtime_checkable
@@ -58,19 +61,18 @@ def _compute(t: torch.Tensor, argument: str = "t") -> torch.Tensor:
 
 
 def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < math.inf):
+    if not 0.0 < check_number(name, value, finite=False) < math.inf:
         raise fail(name, "a finite number > 0", describe(value))
     return float(value)
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < float(eps) < 1.0):
-        raise fail("eps", "a number in (0, 1)", describe(eps))
-    return float(eps)
+    return check_number("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
-class AlphaSchedule:
-    """Shared machinery of the built-in schedules: checks, dtypes and the ``eps`` policy.
+class NoiseScheduleBase:
+    """Shared machinery of the built-in noise schedules (functions of the diffusion time ``t``): checks, dtypes and
+    the ``eps`` policy.
 
     Subclasses define ``_alpha``, ``_dalpha`` (α'), ``_mask_rate`` (1 − α, in a stable form), ``_weight``
     (``−α'/(1 − α)`` in a stable form) and ``_t_at_rate`` on already-checked tensors. Every public method takes a
@@ -125,7 +127,7 @@ class AlphaSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearSchedule(AlphaSchedule):
+class LinearSchedule(NoiseScheduleBase):
     """α(t) = 1 − t: mask_rate(t) = t and w(t) = 1/t.
 
     MDLM's log-linear schedule (its ε cancels in the weight), SMDM, LLaDA and the dual-objective paper.
@@ -231,7 +233,7 @@ COSINE_FORMS = {"1-sin": _OneMinusSin, "cos": _Cos, "cos^2": _CosSquared}
 
 
 @dataclasses.dataclass(frozen=True)
-class CosineSchedule(AlphaSchedule):
+class CosineSchedule(NoiseScheduleBase):
     r"""The "cosine" schedules of the literature, chosen by formula (they are not the same schedule).
 
     ============  ======================  ===========================  ==========================================
@@ -247,11 +249,11 @@ class CosineSchedule(AlphaSchedule):
         eps: ``weight`` is evaluated at ``max(t, eps)``.
     """
 
-    form: str
+    form: CosineForm
     eps: float = 1e-6
 
     def _check_fields(self) -> None:
-        if self.form not in COSINE_FORMS:
+        if not isinstance(self.form, str) or self.form not in COSINE_FORMS:
             raise fail("form", "one of " + ", ".join(repr(f) for f in COSINE_FORMS), repr(self.form))
 
     @property
@@ -275,7 +277,7 @@ class CosineSchedule(AlphaSchedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class PolynomialSchedule(AlphaSchedule):
+class PolynomialSchedule(NoiseScheduleBase):
     """α(t) = 1 − t^p: mask_rate(t) = t^p and w(t) = p/t (MD4's polyN; BD3's "square" p=2, "square_root" p=0.5).
 
     Args:
@@ -307,7 +309,7 @@ class PolynomialSchedule(AlphaSchedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class GeometricSchedule(AlphaSchedule):
+class GeometricSchedule(NoiseScheduleBase):
     r"""α(t) = exp(−σ(t)) with σ(t) = σ_min^{1−t}·σ_max^t (SEDD, MDLM "geometric").
 
     ``mask_rate = −expm1(−σ)`` and ``w(t) = σ(t)·ln(σ_max/σ_min) / expm1(σ(t))``. The end points are only
@@ -362,7 +364,7 @@ class GeometricSchedule(AlphaSchedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class LogSchedule(AlphaSchedule):
+class LogSchedule(NoiseScheduleBase):
     """α(t) = 1 − log₂(1 + t): mask_rate(t) = log1p(t)/ln 2 and w(t) = 1/((1 + t)·log1p(t)) (BD3-LMs "log").
 
     Args:
@@ -388,8 +390,11 @@ class LogSchedule(AlphaSchedule):
         return torch.expm1(rate * math.log(2.0))
 
 
+_GRID = 1025  # points of [0, 1] at which schedule_from_alpha checks that α(t) does not increase
+
+
 @dataclasses.dataclass(frozen=True)
-class AutogradSchedule(AlphaSchedule):
+class AutogradSchedule(NoiseScheduleBase):
     """A schedule given only by ``alpha_fn``; α' comes from autograd (see :func:`schedule_from_alpha`).
 
     Args:
@@ -408,6 +413,16 @@ class AutogradSchedule(AlphaSchedule):
             raise fail("alpha_fn", "a callable t -> alpha(t)", describe(self.alpha_fn))
         if self.inverse is not None and not callable(self.inverse):
             raise fail("inverse", "a callable rate -> t or None", describe(self.inverse))
+        # An increasing α(t) would give negative ELBO weights w(t) = −α'(t)/(1 − α(t)): refuse it up front.
+        grid = torch.linspace(0.0, 1.0, _GRID, dtype=torch.float64)
+        values = self._eval(grid)
+        rise = torch.diff(values.double())
+        if bool((rise > 1e-12).any()):
+            i = int(rise.argmax())
+            raise fail("alpha_fn", "a non-increasing α(t) on [0, 1] (an increasing α(t) makes the ELBO weight "
+                       "w(t) = −α'(t)/(1 − α(t)) negative)",
+                       f"α({float(grid[i]):.4g}) = {float(values[i]):.6g} < α({float(grid[i + 1]):.4g}) = "
+                       f"{float(values[i + 1]):.6g}")
 
     def _eval(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alpha_fn(t)
@@ -430,7 +445,11 @@ class AutogradSchedule(AlphaSchedule):
 
     def _weight(self, t: torch.Tensor) -> torch.Tensor:
         x = t.double()
-        return (-self._dalpha(x) / (1.0 - self._eval(x))).to(t.dtype)
+        w = -self._dalpha(x) / (1.0 - self._eval(x))
+        if validation_enabled() and w.numel() and bool((w < 0).any()):
+            raise fail("alpha_fn", "a non-increasing α(t) (the ELBO weight −α'(t)/(1 − α(t)) must be >= 0)",
+                       f"a negative weight {float(w.min()):.4g}")
+        return w.to(t.dtype)
 
     def _t_at_rate(self, rate: torch.Tensor) -> torch.Tensor:
         if self.inverse is not None:
@@ -456,7 +475,9 @@ def schedule_from_alpha(
     accurate near t = 0.
 
     Args:
-        alpha_fn: elementwise torch function ``t [*] -> α(t) [*]``, decreasing on [0, 1], values in [0, 1].
+        alpha_fn: elementwise torch function ``t [*] -> α(t) [*]``, decreasing on [0, 1], values in [0, 1]. It is
+            checked on a grid of 1025 points at construction: an increasing α(t), whose ELBO weights would be
+            negative, is refused with a :class:`~dualobj.DualObjError`.
         inverse: optional exact inverse of ``mask_rate``; otherwise ``t_at_rate`` bisects.
         eps: ``weight`` is evaluated at ``max(t, eps)``.
 

@@ -1,11 +1,16 @@
-"""Step schedules: plain callables ``step -> value in [0, 1]`` for the objective weight α or a mask rate.
+"""Step schedules: plain callables ``step -> value in [0, 1]`` for an objective weight (α) or a mask rate.
+
+These are functions of the *training step*. They are not the noise schedules of :mod:`dualobj.schedules._noise`
+(``LinearSchedule``, ``CosineSchedule``: functions of the diffusion time ``t``); the ramps are called
+:func:`linear_ramp` and :func:`cosine_ramp` so the two families cannot be confused.
 
 Every schedule is a pure function of the step (no state), so resuming from a checkpoint at step ``s`` gives
 exactly the value the uninterrupted run had. They are small frozen dataclasses: picklable, comparable, and
 their ``repr`` is the call that builds them, which logs well.
 
-Used for α in :class:`dualobj.objectives.DualObjective` (``alpha=linear(1.0, 0.5, 10_000)``), and for any
-other rate in [0, 1], for example an MLM mask rate annealed from 30% to 15% (``linear(0.30, 0.15, 10_000)``).
+Used for α in :class:`dualobj.objectives.DualObjective` (``alpha=linear_ramp(1.0, 0.5, 10_000)``), for the weights of a
+:class:`dualobj.objectives.Mixture`,, and for any
+other rate in [0, 1], for example an MLM mask rate annealed from 30% to 15% (``linear_ramp(0.30, 0.15, 10_000)``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dualobj._errors import check_probability, describe, fail
+from dualobj._errors import check_int, check_number, check_probability, describe, fail
 
 StepSchedule = Callable[[int], float]
 """A schedule: ``step (int >= 0) -> value (float in [0, 1])``."""
@@ -28,16 +33,14 @@ def check_step(step: object) -> float:
     """Check a step: a number ``>= 0`` (an int, a float for fractional epochs, or a 0-d tensor)."""
     if isinstance(step, torch.Tensor) and step.ndim == 0 and not step.dtype == torch.bool:
         step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 <= step < math.inf):
+    value = check_number("step", step, finite=False)
+    if not 0 <= value < math.inf:
         raise fail("step", "a finite number >= 0", describe(step))
-    return float(step)
+    return value
 
 
 def _check_steps(name: str, value: object, *, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise fail(name, f"an int >= {low}", describe(value))
-    return value
+    return check_int(name, value, low=0 if allow_zero else 1)
 
 
 def _progress(step: float, begin: int, steps: int) -> float:
@@ -79,27 +82,27 @@ class _Ramp:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Linear(_Ramp):
-    """Linear interpolation from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`linear`)."""
+class LinearRamp(_Ramp):
+    """Linear interpolation from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`linear_ramp`)."""
 
     def __call__(self, step: int) -> float:
         p = _progress(check_step(step), self.begin, self.steps)
         return self.start + (self.end - self.start) * p
 
     def __repr__(self) -> str:
-        return f"linear({self.start!r}, {self.end!r}, steps={self.steps}, begin={self.begin})"
+        return f"linear_ramp({self.start!r}, {self.end!r}, steps={self.steps}, begin={self.begin})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Cosine(_Ramp):
-    """Half-cosine from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`cosine`)."""
+class CosineRamp(_Ramp):
+    """Half-cosine from ``start`` to ``end`` over ``[begin, begin + steps]`` (made by :func:`cosine_ramp`)."""
 
     def __call__(self, step: int) -> float:
         p = _progress(check_step(step), self.begin, self.steps)
         return self.start + (self.end - self.start) * 0.5 * (1.0 - math.cos(math.pi * p))
 
     def __repr__(self) -> str:
-        return f"cosine({self.start!r}, {self.end!r}, steps={self.steps}, begin={self.begin})"
+        return f"cosine_ramp({self.start!r}, {self.end!r}, steps={self.steps}, begin={self.begin})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -150,7 +153,7 @@ def constant(value: float) -> Constant:
     return Constant(value)
 
 
-def linear(start: float, end: float, steps: int, *, begin: int = 0) -> Linear:
+def linear_ramp(start: float, end: float, steps: int, *, begin: int = 0) -> LinearRamp:
     """``start`` until ``begin``, then a straight line to ``end`` at ``begin + steps``, then ``end``.
 
     Args:
@@ -162,15 +165,15 @@ def linear(start: float, end: float, steps: int, *, begin: int = 0) -> Linear:
         a callable ``step -> float``.
 
     Example:
-        >>> s = linear(0.30, 0.15, steps=100)  # an MLM mask rate, 30% -> 15%
+        >>> s = linear_ramp(0.30, 0.15, steps=100)  # an MLM mask rate, 30% -> 15%
         >>> round(s(0), 6), round(s(50), 6), round(s(1000), 6)
         (0.3, 0.225, 0.15)
     """
-    return Linear(start, end, steps, begin)
+    return LinearRamp(start, end, steps, begin)
 
 
-def cosine(start: float, end: float, steps: int, *, begin: int = 0) -> Cosine:
-    """Like :func:`linear` but along a half cosine: ``start + (end − start)·(1 − cos(π·p))/2``, ``p`` the progress.
+def cosine_ramp(start: float, end: float, steps: int, *, begin: int = 0) -> CosineRamp:
+    """Like :func:`linear_ramp` but along a half cosine: ``start + (end − start)·(1 − cos(π·p))/2``, ``p`` the progress.
 
     Args:
         start, end: values in [0, 1].
@@ -180,10 +183,10 @@ def cosine(start: float, end: float, steps: int, *, begin: int = 0) -> Cosine:
     Returns:
         a callable ``step -> float``.
     """
-    return Cosine(start, end, steps, begin)
+    return CosineRamp(start, end, steps, begin)
 
 
-def warmup(value: float, steps: int, *, start: float = 0.0) -> Linear:
+def warmup(value: float, steps: int, *, start: float = 0.0) -> LinearRamp:
     """Ramp linearly from ``start`` to ``value`` over the first ``steps`` steps, then stay at ``value``.
 
     For α this can, for example, start pure AR (``start=1.0``) and bring in the MD share gradually.
@@ -196,7 +199,7 @@ def warmup(value: float, steps: int, *, start: float = 0.0) -> Linear:
     Returns:
         a callable ``step -> float``.
     """
-    return Linear(start, value, steps, 0)
+    return LinearRamp(start, value, steps, 0)
 
 
 def join(schedules: Sequence[StepSchedule], boundaries: Sequence[int]) -> Join:
@@ -213,7 +216,7 @@ def join(schedules: Sequence[StepSchedule], boundaries: Sequence[int]) -> Join:
         a callable ``step -> float``.
 
     Example:
-        >>> s = join([constant(1.0), linear(1.0, 0.5, steps=10)], [100])
+        >>> s = join([constant(1.0), linear_ramp(1.0, 0.5, steps=10)], [100])
         >>> s(99), s(100), s(105), s(500)
         (1.0, 1.0, 0.75, 0.5)
     """
@@ -237,7 +240,7 @@ def repetition_alpha(repetitions: float, effective_repetitions: float = 16.0, ca
         α in [0, 1].
     """
     for name, value in (("repetitions", repetitions), ("effective_repetitions", effective_repetitions)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if not 0 < check_number(name, value, finite=False) < math.inf:
             raise fail(name, "a finite number > 0", describe(value))
     cap = check_probability("cap", cap)
     return min(cap, float(effective_repetitions) / float(repetitions))
