@@ -188,18 +188,22 @@ def test_bad_input_names_the_argument(call, match):
 
 
 @pytest.mark.parametrize(
-    ("make", "bad", "name"),
+    ("make", "bad", "name", "value_check"),
     [
-        (ARPerplexity, lambda: (torch.full((1, 3, V), float("nan")), torch.ones(1, 3, dtype=torch.long)), "logits"),
-        (TokenAccuracy, lambda: (torch.full((1, 3, V), float("inf")), torch.ones(1, 3, dtype=torch.long)), "logits"),
-        (ARPerplexity, lambda: (torch.zeros(1, 3, V), torch.tensor([[1, -5, 2]])), "target"),
-        (NLLPerToken, lambda: (torch.tensor(float("nan")), torch.tensor(2.0)), "total"),
-        (NLLPerToken, lambda: (float("inf"), 2), "total"),
-        (NLLPerToken, lambda: (1.0, float("nan")), "count"),
-        (NLLPerToken, lambda: (1.0, torch.tensor(-3.0)), "count"),
+        (ARPerplexity, lambda: (torch.full((1, 3, V), float("nan")), torch.ones(1, 3, dtype=torch.long)), "logits",
+         True),
+        (TokenAccuracy, lambda: (torch.full((1, 3, V), float("inf")), torch.ones(1, 3, dtype=torch.long)), "logits",
+         True),
+        (ARPerplexity, lambda: (torch.zeros(1, 3, V), torch.tensor([[1, -5, 2]])), "target", False),
+        (NLLPerToken, lambda: (torch.tensor(float("nan")), torch.tensor(2.0)), "total", True),
+        (NLLPerToken, lambda: (torch.tensor(2.0), torch.tensor(float("inf"))), "count", True),
+        (NLLPerToken, lambda: (1.0, torch.tensor(-3.0)), "count", True),
+        (NLLPerToken, lambda: (float("inf"), 2), "total", False),  # Python numbers: checked always
+        (NLLPerToken, lambda: (1.0, float("nan")), "count", False),
+        (NLLPerToken, lambda: (1.0, -1), "count", False),
     ],
 )
-def test_a_refused_update_leaves_the_state_untouched(make, bad, name):
+def test_a_refused_update_leaves_the_state_untouched(make, bad, name, value_check):
     """A metric refuses a non-finite (or out-of-range) update instead of absorbing it, and goes on as before."""
     metric = make()
     good = (torch.tensor(6.0), torch.tensor(2.0)) if make is NLLPerToken else data(0)
@@ -208,10 +212,13 @@ def test_a_refused_update_leaves_the_state_untouched(make, bad, name):
     with pytest.raises(DualObjError, match=f"^{name}: expected"):
         metric.update(*bad())
     assert float(metric.compute()) == pytest.approx(before, rel=1e-7)
-    if name != "target":  # with the value checks off, the same update is absorbed (the switch is real)
-        with validation(False):
+    with validation(False):
+        if value_check:  # a tensor value check: off with the switch, the same update is absorbed
             metric.update(*bad())
-        assert not float(metric.compute()) == pytest.approx(before, rel=1e-7)
+            assert not float(metric.compute()) == pytest.approx(before, rel=1e-7)
+        elif name != "target":  # a Python number is checked whatever the switch
+            with pytest.raises(DualObjError, match=f"^{name}: expected"):
+                metric.update(*bad())
 
 
 @pytest.mark.parametrize("count", ["3", None, [1, 2], True, torch.tensor(1 + 1j), torch.tensor(True)])

@@ -159,11 +159,29 @@ def completion_logprobs(
 
 @dataclass(frozen=True)
 class Question:
-    """A multiple-choice question: the ``options`` are completions of ``context``; ``answer`` indexes the right one."""
+    """A multiple-choice question: the ``options`` are completions of ``context``; ``answer`` indexes the right one.
+
+    Checked on construction: bytes or str context, at least one non-empty option, ``0 <= answer < len(options)``.
+    """
 
     context: bytes
     options: tuple[bytes, ...]
     answer: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.context, (bytes, str)):
+            raise fail_type("context", "bytes or str", describe(self.context))
+        if isinstance(self.options, (bytes, str)) or not isinstance(self.options, (tuple, list)):
+            raise fail_type("options", "a tuple of bytes or str options", describe(self.options))
+        if not self.options:
+            raise fail("options", "at least one option", "none")
+        for i, option in enumerate(self.options):
+            if not isinstance(option, (bytes, str)):
+                raise fail_type(f"options[{i}]", "bytes or str", describe(option))
+            if not option:
+                raise fail(f"options[{i}]", "a non-empty option", repr(option))
+        object.__setattr__(self, "options", tuple(self.options))
+        check_int("answer", self.answer, low=0, high=len(self.options) - 1)
 
 
 def score_choices(
@@ -222,8 +240,7 @@ def choice_accuracy(scores: torch.Tensor, questions: Sequence[Question]) -> floa
     if scores.shape[0] != N:
         raise fail("scores", f"one row per question, shape [{N}, C]", describe(scores))
     for i, q in enumerate(questions):
-        if isinstance(q.answer, bool) or not isinstance(q.answer, int) or not 0 <= q.answer < scores.shape[1]:
-            raise fail(f"questions[{i}].answer", f"an option index in [0, {scores.shape[1]})", repr(q.answer))
+        check_int(f"questions[{i}].answer", q.answer, low=0, high=scores.shape[1] - 1)
     answers = torch.tensor([q.answer for q in questions], device=scores.device)
     return float((scores.argmax(dim=1) == answers).float().mean())
 

@@ -16,6 +16,7 @@ from dualobj._errors import (
     check_generator,
     check_ids,
     check_int,
+    check_number,
     check_tensor,
     describe,
     fail,
@@ -40,6 +41,10 @@ class NLL:
 
     nats: float
     tokens: int
+
+    def __post_init__(self) -> None:
+        check_number("nats", self.nats)
+        check_int("tokens", self.tokens, low=0)
 
     @property
     def per_token(self) -> float:
@@ -162,8 +167,7 @@ def prefix_nll(
     _check_rows(tokens, doc_ids, head, batch_size)
     check_bool("prefix_mode", prefix_mode)
     L = tokens.shape[1]
-    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int):
-        raise fail_type("prefix_length", f"an int in [1, L={L})", describe(prefix_length))
+    check_int("prefix_length", prefix_length)
     if not 1 <= prefix_length < L:
         raise fail("prefix_length", f"an int in [1, L={L})", repr(prefix_length))
     scorer = ARObjective(normalize="none")

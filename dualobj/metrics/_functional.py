@@ -12,6 +12,7 @@ from dualobj._errors import (
     check_finite,
     check_ids,
     check_int,
+    check_number,
     check_tensor,
     describe,
     fail,
@@ -118,9 +119,10 @@ def _scalar(name: str, value: object, what: str) -> torch.Tensor:
         if value.numel() != 1:
             raise fail(name, f"a scalar ({what})", f"shape {list(value.shape)}")
         return value.detach().double()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise fail_type(name, f"a scalar tensor or a real number ({what})", describe(value))
-    return torch.tensor(float(value), dtype=torch.float64)
+    # A Python number is checked always (no device sync): finite, and a count >= 0.
+    return torch.tensor(check_number(name, value, low=0.0 if name == "count" else None), dtype=torch.float64)
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

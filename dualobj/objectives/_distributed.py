@@ -12,7 +12,16 @@ import numbers
 
 import torch
 
-from dualobj._errors import check_bool, check_choice, check_finite, describe, fail, fail_type, validation_enabled
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_number,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.objectives._batch import Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, normalizer
 
@@ -47,7 +56,8 @@ def batch_count(batches: Batch | list[Batch], normalize: str = "valid") -> torch
 
 
 def _local_count(count: object) -> torch.Tensor:
-    """A real scalar (tensor or number) as a detached float32 tensor copy; finite and >= 0 while validation is on."""
+    """A real scalar (tensor or number) as a detached float32 tensor copy, finite and >= 0 (a Python number is
+    checked always; a tensor, a value check, while validation is on)."""
     if isinstance(count, torch.Tensor):
         if count.dtype == torch.bool or count.is_complex():
             raise fail_type("count", "a real scalar tensor or number", describe(count))
@@ -55,7 +65,7 @@ def _local_count(count: object) -> torch.Tensor:
             raise fail("count", "a scalar", f"shape {list(count.shape)}")
         out = count.detach().to(torch.float32).reshape(()).clone()
     elif isinstance(count, numbers.Real) and not isinstance(count, bool):
-        out = torch.tensor(float(count), dtype=torch.float32)
+        return torch.tensor(check_number("count", count, low=0.0), dtype=torch.float32)  # checked always: no sync
     else:
         raise fail_type("count", "a real scalar tensor or number", describe(count))
     if validation_enabled():
