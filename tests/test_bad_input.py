@@ -652,6 +652,26 @@ def test_length_one_rows_work_everywhere():
     assert MODEL(tokens, causal=True).shape[:2] == (B, 1)
 
 
+def test_evaluation_takes_narrow_int_and_non_contiguous_rows():
+    tokens = toks(4, 8)
+    want = ar_nll(MODEL, tokens)
+    for rows in (tokens.to(torch.int32), tokens.t().contiguous().t(), tokens[:1].expand(4, 8)):
+        got = ar_nll(MODEL, rows, batch_size=3)
+        ref = ar_nll(MODEL, rows.contiguous().long())
+        assert got.tokens == ref.tokens and got.nats == pytest.approx(ref.nats, rel=1e-5)
+    assert want.tokens == 4 * 7
+    context, completion = torch.tensor([5, 6], dtype=torch.int32), torch.tensor([7], dtype=torch.uint8)
+    lp, n = completion_logprobs(MODEL, [context], [completion])
+    lp2, _ = completion_logprobs(MODEL, [[5, 6]], [[7]])
+    torch.testing.assert_close(lp, lp2)
+    assert n.tolist() == [1]
+
+
+def test_md_elbo_on_length_one_rows():
+    nll = md_elbo(MODEL, toks(B, 1), md=md(), samples=2)
+    assert math.isfinite(nll.nats) and nll.tokens >= 0
+
+
 def test_empty_count_gives_zero_loss_not_nan():
     out = ar_output()
     assert float(global_loss(out, count=0.0)) == float(out.total)  # N = 0 is clamped to 1, documented

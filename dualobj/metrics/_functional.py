@@ -37,6 +37,8 @@ def _aligned(
     if V < 1:
         raise fail("logits", "a vocabulary dimension V >= 1", describe(logits))
     check_tensor("target", target, shape=(B, L), integer=True)
+    if target.device != logits.device:
+        raise fail("target", f"a tensor on the device of logits ({logits.device})", f"one on {target.device}")
     if shift:
         logits, target = logits[:, :-1], target[:, 1:]
     flat_target = target.reshape(-1)
