@@ -510,6 +510,20 @@ def test_cli_bench_json_into_a_missing_folder_fails_before_the_run(tmp_path):
     assert "bench loss" not in text
 
 
+UNWRITABLE = Path("/sys")  # read-only even for root on Linux
+
+
+@pytest.mark.skipif(not UNWRITABLE.is_dir(), reason="needs Linux's read-only /sys")
+@pytest.mark.parametrize("args", [
+    ("bench", "loss", "--quick", "--json", str(UNWRITABLE / "dualobj-bench.json")),
+    ("repro", "--quick", "--out", str(UNWRITABLE / "dualobj-repro")),
+], ids=["bench-json", "repro-out"])
+def test_cli_unwritable_place_is_one_line_and_exit_2(args):
+    result, text = cli(*args)
+    assert_clean_failure(result, text, str(UNWRITABLE))
+    assert "bench loss" not in text
+
+
 def test_cli_bench_json_onto_a_folder_fails_before_the_run(tmp_path):
     result, text = cli("bench", "loss", "--quick", "--json", str(tmp_path))
     assert_clean_failure(result, text, "--json")
