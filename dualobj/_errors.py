@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
-import pathlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -256,6 +254,9 @@ def check_probability(name: str, value: float, *, low_open: bool = False, high_o
 
 # --------------------------------------------------------------------------------------------------------------
 # Files.
+
+import os  # noqa: E402 (kept with the file checks)
+import pathlib  # noqa: E402
 
 
 def check_output_file(name: str, path: str | os.PathLike) -> pathlib.Path:

@@ -751,3 +751,16 @@ def test_no_raw_raise_outside_errors_py():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=fixed_in(area)) for n, area in sorted(PENDING.items())])
 def test_pending_files_have_no_raw_raise(name):
     assert name not in package_raw_raises()
+
+
+def test_check_output_file_leaves_no_trace(tmp_path):
+    from dualobj._errors import check_output_file
+
+    new = tmp_path / "new.json"
+    assert check_output_file("--json", new) == new and not new.exists()  # probed, then removed
+    old = tmp_path / "old.json"
+    old.write_text("keep me")
+    check_output_file("--json", str(old))
+    assert old.read_text() == "keep me"
+    with pytest.raises(DualObjTypeError, match=r"^--json: expected a file path"):
+        check_output_file("--json", 3)
