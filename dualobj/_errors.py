@@ -250,3 +250,34 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 def check_probability(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> float:
     """Check a Python number in [0, 1] (with open ends where asked)."""
     return check_number(name, value, low=0.0, high=1.0, low_open=low_open, high_open=high_open)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files.
+
+import os  # noqa: E402 (kept with the file checks)
+import pathlib  # noqa: E402
+
+
+def check_output_file(name: str, path: str | os.PathLike) -> pathlib.Path:
+    """Check now that a file can be written at ``path`` (before a long run that ends by writing it).
+
+    The folder must exist and ``path`` must not be a folder; the file is opened for appending (created and removed
+    again when it did not exist), so permissions and read-only file systems are tested for real.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise fail_type(name, "a file path", describe(path))
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise fail(name, "a file path, not a folder", repr(str(p)))
+    if not p.parent.is_dir():
+        raise fail(name, "a file in an existing folder", f"{str(p)!r}, whose folder {str(p.parent)!r} is not one")
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as err:
+        raise fail(name, "a writable file", f"{str(p)!r} ({err.strerror or err})") from err
+    if not existed:
+        p.unlink(missing_ok=True)
+    return p

@@ -15,7 +15,7 @@ import torch
 
 from dualobj.data import ByteTokenizer
 from dualobj.integrations import batch_count, global_count, global_loss
-from dualobj.metrics import ARPerplexity, MDELBOBound, TokenAccuracy
+from dualobj.metrics import ARPerplexity, NLLPerToken, TokenAccuracy
 from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import ARObjective, DualObjective, MDObjective, cross_entropy
 
@@ -59,7 +59,7 @@ def main(steps: int = 20, micro_batches: int = 2, batch_size: int = 4, seed: int
         optimizer.zero_grad(set_to_none=True)
 
     # 3. held-out metrics (each keeps summed states, so under DDP compute() is the exact global value)
-    perplexity, accuracy, elbo = ARPerplexity(), TokenAccuracy(shift=False), MDELBOBound()
+    perplexity, accuracy, elbo = ARPerplexity(), TokenAccuracy(shift=False), NLLPerToken()
     with torch.no_grad():
         ar = ARObjective().prepare(heldout)
         logits = model.logits(ar.input_ids, causal=ar.causal)

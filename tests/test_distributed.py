@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dualobj import DualObjError
-from dualobj.metrics import ARPerplexity, MDELBOBound, TokenAccuracy
+from dualobj.metrics import ARPerplexity, NLLPerToken, TokenAccuracy
 from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import (
     ARObjective,
@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, init_file: str, port: int, out_dir: str) -> N
     results["accumulated"] = {"count": count, "grads": [p.grad.clone() for p in model.parameters()]}
     # metrics: each rank updates with its own data; compute() returns the global value on every rank
     logits, target = metric_data(rank)
-    ppl, acc, elbo = ARPerplexity(), TokenAccuracy(), MDELBOBound()
+    ppl, acc, elbo = ARPerplexity(), TokenAccuracy(), NLLPerToken()
     ppl.update(logits, target)
     acc.update(logits, target)
     elbo.update(torch.tensor(3.0 + rank), torch.tensor(2.0 + 3 * rank))

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from dualobj import DualObjError
+import dualobj
+from dualobj import DualObjError, DualObjTypeError, validation
 from dualobj.metrics import (
     ARPerplexity,
-    MDELBOBound,
     NLLPerToken,
     TokenAccuracy,
     ar_perplexity,
@@ -104,7 +104,7 @@ def test_custom_ignore_index_and_low_precision_logits():
 def test_md_elbo_bound_matches_a_loop_over_masked_positions():
     md = MDObjective(0, num_special=2)
     tokens = torch.randint(2, V, (4, 9), generator=torch.Generator().manual_seed(7))
-    metric, ppl = MDELBOBound(), MDELBOBound(perplexity=True)
+    metric, ppl = NLLPerToken(), NLLPerToken(perplexity=True)
     num, den = 0.0, 0.0
     for seed in range(3):
         batch = md.prepare(tokens, generator=torch.Generator().manual_seed(seed))
@@ -174,14 +174,62 @@ def test_perplexity_is_differentiable():
         (lambda: ar_perplexity(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long)), "logits"),
         (lambda: ar_perplexity(torch.randn(2, 3, V), torch.zeros(2, 4, dtype=torch.long)), r"target: expected shape"),
         (lambda: ar_perplexity(torch.randn(2, 3, V), torch.zeros(2, 3)), "target: expected an integer"),
-        (lambda: token_accuracy(torch.randn(2, 3, V), torch.full((2, 3), V)), r"target: expected values in \[0, 11\)"),
+        (lambda: token_accuracy(torch.randn(2, 3, V), torch.full((2, 3), V)), r"target: expected ids in \[0, 11\)"),
         (lambda: md_elbo_bound(torch.tensor([1.0, 2.0]), torch.tensor(1.0)), "total: expected a scalar"),
         (lambda: md_elbo_bound(torch.tensor(1.0)), "count: expected"),
         (lambda: md_elbo_bound(torch.tensor(1.0), torch.ones(2)), "count: expected a scalar"),
-        (lambda: MDELBOBound().update(cross_entropy(torch.zeros(1, 2, V), ARObjective().prepare(torch.ones(1, 2,
+        (lambda: NLLPerToken().update(cross_entropy(torch.zeros(1, 2, V), ARObjective().prepare(torch.ones(1, 2,
                                       dtype=torch.long))), 3.0), "count: expected None"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(DualObjError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    ("make", "bad", "name", "value_check"),
+    [
+        (ARPerplexity, lambda: (torch.full((1, 3, V), float("nan")), torch.ones(1, 3, dtype=torch.long)), "logits",
+         True),
+        (TokenAccuracy, lambda: (torch.full((1, 3, V), float("inf")), torch.ones(1, 3, dtype=torch.long)), "logits",
+         True),
+        (ARPerplexity, lambda: (torch.zeros(1, 3, V), torch.tensor([[1, -5, 2]])), "target", False),
+        (NLLPerToken, lambda: (torch.tensor(float("nan")), torch.tensor(2.0)), "total", True),
+        (NLLPerToken, lambda: (torch.tensor(2.0), torch.tensor(float("inf"))), "count", True),
+        (NLLPerToken, lambda: (1.0, torch.tensor(-3.0)), "count", True),
+        (NLLPerToken, lambda: (float("inf"), 2), "total", False),  # Python numbers: checked always
+        (NLLPerToken, lambda: (1.0, float("nan")), "count", False),
+        (NLLPerToken, lambda: (1.0, -1), "count", False),
+    ],
+)
+def test_a_refused_update_leaves_the_state_untouched(make, bad, name, value_check):
+    """A metric refuses a non-finite (or out-of-range) update instead of absorbing it, and goes on as before."""
+    metric = make()
+    good = (torch.tensor(6.0), torch.tensor(2.0)) if make is NLLPerToken else data(0)
+    metric.update(*good)
+    before = float(metric.compute())
+    with pytest.raises(DualObjError, match=f"^{name}: expected"):
+        metric.update(*bad())
+    assert float(metric.compute()) == pytest.approx(before, rel=1e-7)
+    with validation(False):
+        if value_check:  # a tensor value check: off with the switch, the same update is absorbed
+            metric.update(*bad())
+            assert not float(metric.compute()) == pytest.approx(before, rel=1e-7)
+        elif name != "target":  # a Python number is checked whatever the switch
+            with pytest.raises(DualObjError, match=f"^{name}: expected"):
+                metric.update(*bad())
+
+
+@pytest.mark.parametrize("count", ["3", None, [1, 2], True, torch.tensor(1 + 1j), torch.tensor(True)])
+def test_non_numeric_count_is_a_type_error(count):
+    with pytest.raises(DualObjTypeError, match=r"^count: expected"):
+        NLLPerToken().update(torch.tensor(1.0), count)
+
+
+def test_md_elbo_bound_metric_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="NLLPerToken"):
+        metric = dualobj.metrics.MDELBOBound(perplexity=True)
+    assert isinstance(metric, NLLPerToken)
+    metric.update(4.0, 2)
+    assert float(metric.compute()) == pytest.approx(math.exp(2.0))

@@ -87,6 +87,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("expected a machine with CUDA, got torch.cuda.is_available() == False",
                                      param_hint="--device")
         to_stdout = json_path is not None and str(json_path) == "-"
+        if json_path is not None and not to_stdout:  # fail now, not after the whole run
+            from dualobj._errors import check_output_file
+            check_output_file("--json", json_path)
         if threads is not None:
             torch.set_num_threads(threads)
         out, err = _console(stderr=to_stdout), _console(stderr=True)

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dualobj._errors import check_choice, describe, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_tensor,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.data import ByteTokenizer, Corpus
 from dualobj.evaluation._likelihood import head_weight, resolve_head
 
@@ -23,10 +32,25 @@ def _as_ids(x: bytes | str | torch.Tensor | Sequence[int], tok: ByteTokenizer, n
     if isinstance(x, (bytes, str)):
         return tok.encode(x).tolist()
     if isinstance(x, torch.Tensor):
+        check_tensor(name, x, integer=True)
+        if x.ndim > 1:
+            raise fail(name, "a 1-D id tensor", describe(x))
         return x.reshape(-1).tolist()
-    if isinstance(x, Sequence) and all(isinstance(i, int) for i in x):
+    if isinstance(x, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
         return list(x)
-    raise fail(name, "bytes, str, an id tensor or a list of ids", describe(x))
+    raise fail_type(name, "bytes, str, a 1-D integer id tensor or a list of int ids", describe(x))
+
+
+def _sequence(name: str, x: object) -> Sequence:
+    """A list or tuple of items (a bare str, bytes or tensor would be read one character or row at a time)."""
+    if isinstance(x, (str, bytes, torch.Tensor)) or not isinstance(x, Sequence):
+        raise fail_type(name, "a list or tuple (one item per pair)", describe(x))
+    return x
+
+
+def _check_model(model: object) -> None:
+    if not callable(model):
+        raise fail_type("model", "a callable model (an nn.Module)", describe(model))
 
 
 @torch.no_grad()
@@ -59,18 +83,35 @@ def completion_logprobs(
     Returns:
         ``(logprob [N] float32, length [N] int64)``: summed log-probabilities (nats) and completion lengths.
     """
+    _check_model(model)
+    _sequence("contexts", contexts)
+    _sequence("completions", completions)
     check_choice("mode", mode, MODES)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        raise fail_type("tokenizer", "a ByteTokenizer or None", describe(tokenizer))
     tok = tokenizer if tokenizer is not None else ByteTokenizer()
-    mask_id = tok.mask_id if mask_id is None else mask_id
+    mask_id = tok.mask_id if mask_id is None else check_int("mask_id", mask_id, low=0)
     if len(contexts) != len(completions):
         raise fail("completions", f"one per context ({len(contexts)})", f"{len(completions)}")
-    ctx = [[tok.bos_id, *_as_ids(c, tok, "contexts")] for c in contexts]
-    comp = [_as_ids(c, tok, "completions") for c in completions]
+    ctx = [[tok.bos_id, *_as_ids(c, tok, f"contexts[{i}]")] for i, c in enumerate(contexts)]
+    comp = [_as_ids(c, tok, f"completions[{i}]") for i, c in enumerate(completions)]
     for i, c in enumerate(comp):
         if not c:
             raise fail(f"completions[{i}]", "a non-empty completion", "an empty one")
     weight, bias = head_weight(resolve_head(model, head))
     device = weight.device
+    V = weight.shape[0]
+    if mask_id >= V:
+        raise fail("mask_id", f"an id < the head's vocabulary size {V}", mask_id)
+    if validation_enabled():
+        for name, seqs in (("contexts", ctx), ("completions", comp)):
+            for i, ids in enumerate(seqs):
+                if any(not 0 <= y < V for y in ids):
+                    raise fail(f"{name}[{i}]", f"ids in [0, {V}) (the head's vocabulary)",
+                               f"ids in [{min(ids)}, {max(ids)}]")
+                if mode == "md" and mask_id in ids:
+                    raise fail(f"{name}[{i}]", f"ids without mask_id={mask_id} in mode 'md'", "the mask id")
     # One row per pair (ar/prefix) or per completion token (md): its ids, the position read, the target id.
     rows, prefix, read, target, owner = [], [], [], [], []
     for n, (x, c) in enumerate(zip(ctx, comp)):
@@ -118,11 +159,29 @@ def completion_logprobs(
 
 @dataclass(frozen=True)
 class Question:
-    """A multiple-choice question: the ``options`` are completions of ``context``; ``answer`` indexes the right one."""
+    """A multiple-choice question: the ``options`` are completions of ``context``; ``answer`` indexes the right one.
+
+    Checked on construction: bytes or str context, at least one non-empty option, ``0 <= answer < len(options)``.
+    """
 
     context: bytes
     options: tuple[bytes, ...]
     answer: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.context, (bytes, str)):
+            raise fail_type("context", "bytes or str", describe(self.context))
+        if isinstance(self.options, (bytes, str)) or not isinstance(self.options, (tuple, list)):
+            raise fail_type("options", "a tuple of bytes or str options", describe(self.options))
+        if not self.options:
+            raise fail("options", "at least one option", "none")
+        for i, option in enumerate(self.options):
+            if not isinstance(option, (bytes, str)):
+                raise fail_type(f"options[{i}]", "bytes or str", describe(option))
+            if not option:
+                raise fail(f"options[{i}]", "a non-empty option", repr(option))
+        object.__setattr__(self, "options", tuple(self.options))
+        check_int("answer", self.answer, low=0, high=len(self.options) - 1)
 
 
 def score_choices(
@@ -147,9 +206,16 @@ def score_choices(
         normalize: mean log-probability per token (True) or the sum (False).
         tokenizer, head, batch_size: as for :func:`completion_logprobs`.
     """
+    _sequence("questions", questions)
     if not questions:
         raise fail("questions", "at least one Question", "none")
+    for i, q in enumerate(questions):
+        if not isinstance(q, Question):
+            raise fail_type(f"questions[{i}]", "a Question", describe(q))
+    check_bool("normalize", normalize)
     C = len(questions[0].options)
+    if C < 1:
+        raise fail("questions", "at least one option per question", "none")
     if any(len(q.options) != C for q in questions):
         raise fail("questions", f"the same number of options in every question ({C})", "a mix")
     contexts = [q.context for q in questions for _ in q.options]
@@ -163,7 +229,19 @@ def score_choices(
 
 def choice_accuracy(scores: torch.Tensor, questions: Sequence[Question]) -> float:
     """Share of questions whose highest-scoring option is the answer (``scores``: ``[N, C]``)."""
-    answers = torch.tensor([q.answer for q in questions])
+    _sequence("questions", questions)
+    for i, q in enumerate(questions):
+        if not isinstance(q, Question):
+            raise fail_type(f"questions[{i}]", "a Question", describe(q))
+    N = len(questions)
+    if N == 0:
+        raise fail("questions", "at least one Question", "none")
+    check_tensor("scores", scores, ndim=2, floating=True)
+    if scores.shape[0] != N:
+        raise fail("scores", f"one row per question, shape [{N}, C]", describe(scores))
+    for i, q in enumerate(questions):
+        check_int(f"questions[{i}].answer", q.answer, low=0, high=scores.shape[1] - 1)
+    answers = torch.tensor([q.answer for q in questions], device=scores.device)
     return float((scores.argmax(dim=1) == answers).float().mean())
 
 
@@ -185,15 +263,26 @@ def next_line_probe(
 
     Args:
         corpus: held-out documents (at least two, so distractors come from other files).
-        questions, options, context_bytes, min_line, max_line: sizes.
+        questions: how many questions (>= 1).
+        options: options per question (>= 2).
+        context_bytes: bytes of context before the line (>= 1).
+        min_line: shortest line, in bytes without surrounding whitespace (>= 1).
+        max_line: longest line (>= ``min_line``).
         seed: fixes the questions, the distractors and the answer positions.
 
     Returns:
         ``questions`` :class:`Question` records (fewer if the corpus has fewer usable lines).
     """
-    for name, value in (("questions", questions), ("options", options), ("context_bytes", context_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "options" else 1):
-            raise fail(name, "a positive int (options >= 2)", describe(value))
+    if not isinstance(corpus, Corpus):
+        raise fail_type("corpus", "a dualobj.data.Corpus", describe(corpus))
+    check_int("questions", questions, low=1)
+    check_int("options", options, low=2)
+    check_int("context_bytes", context_bytes, low=1)
+    check_int("min_line", min_line, low=1)
+    check_int("max_line", max_line)
+    if max_line < min_line:
+        raise fail("max_line", f"an int >= min_line={min_line}", repr(max_line))
+    check_int("seed", seed)
     rng = random.Random(seed)
     pool: list[tuple[int, int, bytes]] = []  # (document index, line start, line)
     for d, doc in enumerate(corpus.documents):

@@ -10,7 +10,19 @@ import torch
 from torch import nn
 
 from dualobj import _random
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_ids,
+    check_int,
+    check_number,
+    check_tensor,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.masking import random_mask
 from dualobj.objectives import ARObjective, Batch, MDObjective
 from dualobj.schedules import sample_counts
@@ -30,6 +42,10 @@ class NLL:
     nats: float
     tokens: int
 
+    def __post_init__(self) -> None:
+        check_number("nats", self.nats)
+        check_int("tokens", self.tokens, low=0)
+
     @property
     def per_token(self) -> float:
         """Mean nats per token (``nan`` when nothing was scored)."""
@@ -43,11 +59,17 @@ class NLL:
 
 def resolve_head(model: nn.Module, head: nn.Linear | torch.Tensor | None) -> nn.Linear | torch.Tensor:
     """``head`` if given, else ``model.lm_head``."""
+    if not callable(model):
+        raise fail_type("model", "a callable model (an nn.Module)", describe(model))
     if head is not None:
+        if not isinstance(head, (nn.Linear, torch.Tensor)):
+            raise fail_type("head", "an nn.Linear, a [V, H] weight tensor or None", describe(head))
         return head
     out = getattr(model, "lm_head", None)
     if out is None:
         raise fail("head", "an output layer (or a model with an lm_head attribute)", describe(model))
+    if not isinstance(out, (nn.Linear, torch.Tensor)):
+        raise fail_type("head", "an nn.Linear or a [V, H] weight tensor as model.lm_head", describe(out))
     return out
 
 
@@ -59,16 +81,18 @@ def head_weight(head: nn.Linear | torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _chunks(tokens: torch.Tensor, doc_ids: torch.Tensor | None, batch_size: int) -> Iterator[tuple]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise fail("batch_size", "an int >= 1", describe(batch_size))
     for s in range(0, tokens.shape[0], batch_size):
         yield s, tokens[s:s + batch_size], None if doc_ids is None else doc_ids[s:s + batch_size]
 
 
-def _check_rows(tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+def _check_rows(tokens: torch.Tensor, doc_ids: torch.Tensor | None, head: nn.Linear | torch.Tensor,
+                batch_size: int) -> None:
+    """Structural checks of the rows and the batch size; the token ids (a value check) against the head's size."""
     check_tensor("tokens", tokens, ndim=2, integer=True)
     if doc_ids is not None:
         check_tensor("doc_ids", doc_ids, shape=tuple(tokens.shape), integer=True)
+    check_int("batch_size", batch_size, low=1)
+    check_ids("tokens", tokens, high=head_weight(head)[0].shape[0])
 
 
 def _score(model: nn.Module, batch: Batch, head: nn.Linear | torch.Tensor, scorer: ARObjective | MDObjective,
@@ -103,8 +127,8 @@ def ar_nll(
     Returns:
         :class:`NLL` over every position whose next token lies in the same document.
     """
-    _check_rows(tokens, doc_ids)
     head = resolve_head(model, head)
+    _check_rows(tokens, doc_ids, head, batch_size)
     scorer = ARObjective(normalize="none")
     nats, count = 0.0, 0
     for _, x, d in _chunks(tokens, doc_ids, batch_size):
@@ -139,11 +163,13 @@ def prefix_nll(
         head: the output layer (default ``model.lm_head``).
         batch_size: rows per forward pass.
     """
-    _check_rows(tokens, doc_ids)
-    L = tokens.shape[1]
-    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or not 1 <= prefix_length < L:
-        raise fail("prefix_length", f"an int in [1, L={L})", describe(prefix_length))
     head = resolve_head(model, head)
+    _check_rows(tokens, doc_ids, head, batch_size)
+    check_bool("prefix_mode", prefix_mode)
+    L = tokens.shape[1]
+    check_int("prefix_length", prefix_length)
+    if not 1 <= prefix_length < L:
+        raise fail("prefix_length", f"an int in [1, L={L})", repr(prefix_length))
     scorer = ARObjective(normalize="none")
     nats, count = 0.0, 0
     for _, x, d in _chunks(tokens, doc_ids, batch_size):
@@ -157,6 +183,9 @@ def prefix_nll(
 def antithetic_times(n: int, samples: int, *, generator: torch.Generator | None) -> torch.Tensor:
     """``[samples, n]`` noise levels in (0, 1): sample ``2j`` draws ``u ~ U(0,1)`` per row, sample ``2j+1`` uses
     ``1 − u`` (antithetic pairs; an odd last sample is a plain draw)."""
+    check_int("n", n, low=0)
+    check_int("samples", samples, low=1)
+    check_generator("generator", generator)
     rows = []
     for _ in range((samples + 1) // 2):
         u = _random.rand((n,), generator=generator, device="cpu")
@@ -194,7 +223,7 @@ def md_elbo(
 
     Args:
         model: called as ``model(input_ids, causal=False, doc_ids=)``.
-        tokens: ``[N, L]`` clean held-out rows.
+        tokens: ``[N, L]`` clean held-out rows (without the mask id; ids below the head's vocabulary size).
         md: the MD objective the model was trained with (mask id, shift, which ids may be masked). The bound
             itself does not depend on the training schedule, so the linear schedule (weight ``1/t``) is used.
         doc_ids: ``[N, L]`` document ids.
@@ -208,14 +237,16 @@ def md_elbo(
         :class:`NLL`: the bound summed over rows (averaged over samples) and the number of maskable tokens, so
         ``per_token`` is the per-token bound, comparable with :func:`ar_nll` on the same rows.
     """
-    _check_rows(tokens, doc_ids)
     if not isinstance(md, MDObjective):
-        raise fail("md", "an MDObjective", describe(md))
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise fail("samples", "an int >= 1", describe(samples))
-    if estimator not in ("antithetic", "exact"):
-        raise fail("estimator", "'antithetic' or 'exact'", repr(estimator))
+        raise fail_type("md", "an MDObjective", describe(md))
     head = resolve_head(model, head)
+    _check_rows(tokens, doc_ids, head, batch_size)
+    check_int("samples", samples, low=1)
+    check_choice("estimator", estimator, ("antithetic", "exact"))
+    check_int("seed", seed)
+    if validation_enabled() and bool((tokens == md.mask_token_id).any()):
+        raise fail("tokens", f"clean ids without mask_token_id={md.mask_token_id}",
+                   f"{int((tokens == md.mask_token_id).sum())} positions holding it")
     scorer = MDObjective(md.mask_token_id, shift=md.shift, t_min=1e-6, normalize="none")
     gen = torch.Generator().manual_seed(seed)
     times = antithetic_times(tokens.shape[0], samples, generator=gen)

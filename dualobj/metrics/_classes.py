@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torchmetrics import Metric
 
+from dualobj._errors import check_bool, check_int
 from dualobj.metrics._functional import correct_update, nll_update, ratio, total_count_update
 from dualobj.objectives import IGNORE_INDEX, LossOutput
 
@@ -53,11 +56,15 @@ class ARPerplexity(_SumRatio):
 
     def __init__(self, *, shift: bool = True, ignore_index: int = IGNORE_INDEX, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.shift = shift
-        self.ignore_index = ignore_index
+        self.shift = check_bool("shift", shift)
+        self.ignore_index = check_int("ignore_index", ignore_index)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch (see the class docstring for shapes)."""
+        """Add one batch (see the class docstring for shapes).
+
+        While validation is on, a batch with NaN/inf logits or target ids outside ``[0, V)`` is refused with a
+        :class:`~dualobj.DualObjError` and the state is left as it was.
+        """
         self._add(*nll_update(logits, target, shift=self.shift, ignore_index=self.ignore_index))
 
     def compute(self) -> torch.Tensor:
@@ -83,11 +90,12 @@ class TokenAccuracy(_SumRatio):
 
     def __init__(self, *, shift: bool = True, ignore_index: int = IGNORE_INDEX, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.shift = shift
-        self.ignore_index = ignore_index
+        self.shift = check_bool("shift", shift)
+        self.ignore_index = check_int("ignore_index", ignore_index)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch."""
+        """Add one batch (refused, leaving the state as it was, on the same bad values as
+        :meth:`ARPerplexity.update`)."""
         self._add(*correct_update(logits, target, shift=self.shift, ignore_index=self.ignore_index))
 
     def compute(self) -> torch.Tensor:
@@ -96,18 +104,28 @@ class TokenAccuracy(_SumRatio):
 
 
 class NLLPerToken(_SumRatio):
-    """Summed negative log-likelihood over summed tokens, from precomputed sums: ``Σ total / Σ count``.
+    """Summed negative log-likelihood (or bound) over summed tokens, from precomputed sums: ``Σ total / Σ count``.
 
     For losses or evaluations that already reduce to a sum and a count: a :class:`~dualobj.objectives.LossOutput`
-    (``total``, ``count``), or ``nll.nats`` and ``nll.tokens`` of :func:`dualobj.evaluation.ar_nll` (pass
-    ``perplexity=True`` for the AR perplexity). The two sums are synced across processes before dividing.
+    (``total``, ``count``), or ``nll.nats`` and ``nll.tokens`` of :func:`dualobj.evaluation.ar_nll`. Fed with the
+    ``LossOutput`` of MD batches (see :func:`~dualobj.metrics.md_elbo_bound` for the settings that make it the
+    ELBO), or with ``nats`` and ``tokens`` of :func:`dualobj.evaluation.md_elbo`, it is the masked-diffusion
+    negative-ELBO per token. The two sums are synced across processes before dividing.
 
-    Inputs of :meth:`update`: a ``LossOutput``, or ``total`` and ``count`` (scalar tensors or numbers).
+    Inputs of :meth:`update`: a ``LossOutput``, or ``total`` and ``count`` (scalar tensors or real numbers).
     Output of :meth:`compute`: a float32 scalar, nats per token (or its ``exp``); NaN before anything was counted.
 
     Args:
-        perplexity: report ``exp`` of the mean.
+        perplexity: report ``exp`` of the mean (a perplexity, or a perplexity bound for the ELBO).
         kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> metric = NLLPerToken()
+        >>> metric.update(torch.tensor(6.0), torch.tensor(2.0))
+        >>> metric.update(3.0, 1)
+        >>> float(metric.compute())
+        3.0
     """
 
     is_differentiable = False
@@ -115,10 +133,15 @@ class NLLPerToken(_SumRatio):
 
     def __init__(self, *, perplexity: bool = False, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.perplexity = perplexity
+        self.perplexity = check_bool("perplexity", perplexity)
 
     def update(self, total: torch.Tensor | float | LossOutput, count: torch.Tensor | float | None = None) -> None:
-        """Add one batch's ``(total, count)``."""
+        """Add one batch's ``(total, count)``.
+
+        A non-numeric value raises :class:`~dualobj.DualObjTypeError`. While validation is on, a NaN or infinite
+        ``total`` or ``count``, or a negative ``count``, is refused with a :class:`~dualobj.DualObjError` and the
+        state is left as it was (a metric never absorbs a NaN).
+        """
         self._add(*total_count_update(total, count))
 
     def compute(self) -> torch.Tensor:
@@ -128,22 +151,9 @@ class NLLPerToken(_SumRatio):
 
 
 class MDELBOBound(NLLPerToken):
-    """The masked-diffusion negative-ELBO per token over every batch seen (and every process): ``Σ total / Σ count``.
+    """Deprecated: the same metric as :class:`NLLPerToken`, under another name. Use :class:`NLLPerToken`."""
 
-    Inputs of :meth:`update`: a :class:`~dualobj.objectives.LossOutput` of an MD batch, or ``total`` and ``count``
-    scalars (see :func:`~dualobj.metrics.md_elbo_bound` for which settings make it the ELBO; the ``nats`` and
-    ``tokens`` of :func:`dualobj.evaluation.md_elbo` qualify).
-    Output of :meth:`compute`: a float32 scalar, nats per token (or its ``exp``, a perplexity bound).
-
-    Args:
-        perplexity: report ``exp`` of the bound.
-        kwargs: passed to :class:`torchmetrics.Metric`.
-
-    Example:
-        >>> import torch
-        >>> metric = MDELBOBound()
-        >>> metric.update(torch.tensor(6.0), torch.tensor(2.0))
-        >>> metric.update(torch.tensor(3.0), torch.tensor(1.0))
-        >>> float(metric.compute())
-        3.0
-    """
+    def __init__(self, *, perplexity: bool = False, **kwargs: object) -> None:
+        warnings.warn("MDELBOBound is deprecated and will be removed: use NLLPerToken, the same metric",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(perplexity=perplexity, **kwargs)

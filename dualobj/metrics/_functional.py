@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
-from dualobj._errors import check_tensor, fail
+from dualobj._errors import (
+    check_bool,
+    check_finite,
+    check_ids,
+    check_int,
+    check_number,
+    check_tensor,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.objectives import IGNORE_INDEX, LossOutput
 
 
 def _aligned(
     logits: torch.Tensor, target: torch.Tensor, shift: bool, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check ``logits [B, L, V]`` and ``target [B, L]``; return ``[N, V]`` logits and ``[N]`` targets to score."""
+    """Check ``logits [B, L, V]`` and ``target [B, L]``; return ``[N, V]`` logits and ``[N]`` targets to score.
+
+    Structural checks always run; the values (target ids in ``[0, V)``, finite logits) are checked while validation
+    is on, before anything is summed, so a refused batch leaves a metric's state untouched.
+    """
+    check_bool("shift", shift)
+    check_int("ignore_index", ignore_index)
     check_tensor("logits", logits, ndim=3, floating=True)
     B, L, V = logits.shape
+    if V < 1:
+        raise fail("logits", "a vocabulary dimension V >= 1", describe(logits))
     check_tensor("target", target, shape=(B, L), integer=True)
+    if target.device != logits.device:
+        raise fail("target", f"a tensor on the device of logits ({logits.device})", f"one on {target.device}")
     if shift:
         logits, target = logits[:, :-1], target[:, 1:]
     flat_target = target.reshape(-1)
     flat_target = torch.where(flat_target == ignore_index, IGNORE_INDEX, flat_target)
-    if not torch.compiler.is_compiling():
-        bad = (flat_target != IGNORE_INDEX) & ((flat_target < 0) | (flat_target >= V))
-        if bool(bad.any()):
-            raise fail("target", f"values in [0, {V}) or ignore_index={ignore_index}", int(flat_target[bad][0]))
+    if validation_enabled():
+        check_ids("target", flat_target, high=V, allow=(IGNORE_INDEX,))  # ignore_index is -100 by now
+        check_finite("logits", logits)
     return logits.reshape(-1, V), flat_target
 
 
@@ -69,24 +91,40 @@ def total_count_update(
     """Read ``(total, count)`` from a :class:`~dualobj.objectives.LossOutput` or from two scalars (tensors or numbers,
     e.g. ``nll.nats`` and ``nll.tokens`` of a :mod:`dualobj.evaluation` result).
 
+    Non-numeric values are refused (:class:`~dualobj.DualObjTypeError`); while validation is on, so are a NaN or
+    infinite ``total`` or ``count`` and a negative ``count``.
+
     Returns:
-        ``(total, count)``: detached float64 scalars.
+        ``(total, count)``: detached float64 scalars on ``total``'s device.
     """
     if isinstance(total, LossOutput):
         if count is not None:
-            raise fail("count", "None when total is a LossOutput (its own count is used)", count)
+            raise fail("count", "None when total is a LossOutput (its own count is used)", describe(count))
         total, count = total.total, total.count
-    if isinstance(total, (int, float)) and not isinstance(total, bool):
-        total = torch.tensor(float(total), dtype=torch.float64)
-    check_tensor("total", total, floating=True)
-    if total.numel() != 1:
-        raise fail("total", "a scalar (the summed weighted cross-entropy)", f"shape {list(total.shape)}")
+    total = _scalar("total", total, "the summed negative log-likelihood or weighted cross-entropy")
     if count is None:
-        raise fail("count", "a scalar tensor or number (the normaliser) when total is a tensor", None)
-    count = torch.as_tensor(count, device=total.device)
-    if count.numel() != 1:
-        raise fail("count", "a scalar (the normaliser)", f"shape {list(count.shape)}")
-    return total.detach().double().reshape(()), count.detach().double().reshape(())
+        raise fail_type("count", "a scalar tensor or number (the normaliser) when total is not a LossOutput", None)
+    count = _scalar("count", count, "the normaliser").to(total.device)
+    if validation_enabled():
+        check_finite("total", total)
+        check_finite("count", count)
+        if bool(count < 0):
+            raise fail("count", "a count >= 0", float(count))
+    return total.detach().reshape(()), count.detach().reshape(())
+
+
+def _scalar(name: str, value: object, what: str) -> torch.Tensor:
+    """A real Python number or a one-element real tensor, as a float64 tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise fail_type(name, f"a real scalar ({what})", describe(value))
+        if value.numel() != 1:
+            raise fail(name, f"a scalar ({what})", f"shape {list(value.shape)}")
+        return value.detach().double()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise fail_type(name, f"a scalar tensor or a real number ({what})", describe(value))
+    # A Python number is checked always (no device sync): finite, and a count >= 0.
+    return torch.tensor(check_number(name, value, low=0.0 if name == "count" else None), dtype=torch.float64)
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -169,6 +207,7 @@ def md_elbo_bound(
         >>> float(md_elbo_bound(torch.tensor(6.0), torch.tensor(3.0)))
         2.0
     """
+    check_bool("perplexity", perplexity)
     total, count = total_count_update(total, count)
     out = ratio(total, count)
     return out.exp() if perplexity else out

@@ -8,9 +8,20 @@ gradient of the single-process loss on the whole global batch.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from dualobj._errors import check_choice, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_number,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.objectives._batch import Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, normalizer
 
@@ -37,9 +48,31 @@ def batch_count(batches: Batch | list[Batch], normalize: str = "valid") -> torch
     """
     check_choice("normalize", normalize, NORMALIZERS)
     items = [batches] if isinstance(batches, Batch) else batches
-    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(b, Batch) for b in items):
-        raise fail("batches", "a Batch or a non-empty list of Batch", type(batches).__name__)
+    if not isinstance(items, (list, tuple)) or not all(isinstance(b, Batch) for b in items):
+        raise fail_type("batches", "a Batch or a non-empty list of Batch", describe(batches))
+    if not items:
+        raise fail("batches", "a Batch or a non-empty list of Batch", "an empty list")
     return torch.stack([normalizer(b, normalize) for b in items]).sum()
+
+
+def _local_count(count: object) -> torch.Tensor:
+    """A real scalar (tensor or number) as a detached float32 tensor copy, finite and >= 0 (a Python number is
+    checked always; a tensor, a value check, while validation is on)."""
+    if isinstance(count, torch.Tensor):
+        if count.dtype == torch.bool or count.is_complex():
+            raise fail_type("count", "a real scalar tensor or number", describe(count))
+        if count.numel() != 1:
+            raise fail("count", "a scalar", f"shape {list(count.shape)}")
+        out = count.detach().to(torch.float32).reshape(()).clone()
+    elif isinstance(count, numbers.Real) and not isinstance(count, bool):
+        return torch.tensor(check_number("count", count, low=0.0), dtype=torch.float32)  # checked always: no sync
+    else:
+        raise fail_type("count", "a real scalar tensor or number", describe(count))
+    if validation_enabled():
+        check_finite("count", out)
+        if bool(out < 0):
+            raise fail("count", "a count >= 0", float(out))
+    return out
 
 
 def global_count(count: torch.Tensor | float, *, group: object | None = None) -> torch.Tensor:
@@ -49,15 +82,15 @@ def global_count(count: torch.Tensor | float, *, group: object | None = None) ->
     ``count`` (no host sync; with NCCL keep it on the GPU) and carries no gradient.
 
     Args:
-        count: scalar, this rank's count (e.g. :func:`batch_count` over its micro-batches).
+        count: scalar, this rank's count (e.g. :func:`batch_count` over its micro-batches): a real scalar tensor or
+            number (anything else raises :class:`~dualobj.DualObjTypeError`); NaN, inf or a negative count is
+            refused while validation is on.
         group: the process group (default: the world).
 
     Returns:
         float32 scalar, the count over all ranks.
     """
-    count = torch.as_tensor(count).detach().to(torch.float32).clone()
-    if count.numel() != 1:
-        raise fail("count", "a scalar", f"shape {list(count.shape)}")
+    count = _local_count(count)
     if _dist_ready():
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM, group=group)
     return count
@@ -92,14 +125,19 @@ def global_loss(
         ddp_average: compensate the data-parallel gradient averaging.
         reduced: ``count`` is already summed over ranks (from :func:`global_count`): no collective here.
 
+    A non-numeric ``count`` raises :class:`~dualobj.DualObjTypeError`; while validation is on, a NaN, infinite or
+    negative count is refused (it would otherwise be clamped to 1 and the loss silently mis-scaled).
+
     Returns:
         float32 scalar ``output.total * W / N`` (``W = 1`` without ``ddp_average`` or ``torch.distributed``);
         0 when ``N`` is 0.
     """
     if not isinstance(output, LossOutput):
-        raise fail("output", "a LossOutput", type(output).__name__)
+        raise fail_type("output", "a LossOutput", describe(output))
+    check_bool("ddp_average", ddp_average)
+    check_bool("reduced", reduced)
     local = output.count if count is None else count
-    total_count = torch.as_tensor(local).detach().float() if reduced else global_count(local, group=group)
+    total_count = _local_count(local) if reduced else global_count(local, group=group)
     world = 1
     if ddp_average and _dist_ready():
         world = torch.distributed.get_world_size(group)
