@@ -24,7 +24,7 @@ from dualobj._errors import (
 from dualobj.masking import Corruption, maskable_positions, random_mask
 from dualobj.objectives._base import Objective, check_tokens, same_document_next, shift_left
 from dualobj.objectives._batch import IGNORE_INDEX, Batch
-from dualobj.schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformSampler
+from dualobj.schedules import LinearSchedule, NoiseSchedule, StratifiedSampler, TimeSampler, UniformSampler
 
 WEIGHTINGS = ("elbo", "none")
 ESTIMATORS = ("count", "bernoulli", "official")
@@ -32,6 +32,17 @@ OFFICIAL_FLOOR = 1e-4
 """The floor of the official code's per-token weight ``(1 − 1e-4)·k/L + 1e-4``."""
 
 _TINY = 1e-30
+
+
+def _elbo_weight(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """``w(t)`` in float64 at ``t > 0`` itself: the built-in schedules evaluate ``weight`` at ``max(t, eps)``, which
+    would bias the Bernoulli estimator for schedules whose mask rate at ``eps`` is still large (``t^0.25``: 0.03).
+    ``t`` here is at least ``T(t_min) > 0``, so the unclamped closed form is finite."""
+    closed_form = getattr(schedule, "_weight", None)
+    t = t.double()
+    if callable(closed_form):
+        return closed_form(t.clamp_min(torch.finfo(torch.float64).tiny)).double()
+    return schedule.weight(t).double()
 
 
 def _time_at(schedule: NoiseSchedule, rate: torch.Tensor) -> torch.Tensor:
@@ -225,6 +236,8 @@ class MDObjective(Objective):
                            repr(sampler))
             self.estimator: str | None = estimator
             self.masker = None
+            if estimator == "bernoulli" and isinstance(sampler, (UniformSampler, StratifiedSampler)):
+                self._warn_if_heavy_tailed()
         else:
             if estimator is not None:
                 raise fail("estimator", "None with weighting='none' (estimators are ELBO weightings)",
@@ -245,6 +258,31 @@ class MDObjective(Objective):
             self.masker = masker
 
     # ------------------------------------------------------------------------------------------------ helpers
+
+    def _warn_if_heavy_tailed(self) -> None:
+        """Warn when the Bernoulli estimator's variance explodes with this schedule.
+
+        Under ``t ~ U`` a row at mask rate ``m`` is weighted ``(1 − T(t_min))·w(T(m))``, and the second moment of
+        the estimate grows like ``∫_{t_min}^1 w(T(m)) dm`` (``ln(1/t_min)`` for the linear schedule). Schedules
+        whose rate rises steeply at ``t = 0`` (``t^0.25``: ``∝ t_min^-3``) draw small rates so rarely that their
+        weights dominate: the estimate stays unbiased but is useless.
+        """
+        import math
+        import warnings
+
+        m = torch.logspace(math.log10(self.t_min), 0.0, 2001, dtype=torch.float64)
+        w = _elbo_weight(self.schedule, _time_at(self.schedule, m))
+        proxy = float(torch.trapezoid(w, m))
+        linear = math.log(1.0 / self.t_min)
+        if not proxy <= 1000.0 * linear:
+            warnings.warn(
+                f"MDObjective(estimator='bernoulli') with {self.schedule!r} and t_min={self.t_min}: the variance "
+                f"proxy ∫ w(T(m)) dm over mask rates m >= t_min is {proxy:.3g}, {proxy / linear:.3g}x the linear "
+                "schedule's: small mask rates are drawn so rarely that their weights dominate the estimate. Use "
+                "estimator='count' (the default), an importance sampler with more draws near t = 0, or a larger "
+                "t_min.",
+                stacklevel=3,
+            )
 
     def eligible(
         self,
@@ -281,7 +319,7 @@ class MDObjective(Objective):
         ``[t_min, mask_rate(1)]``."""
         top = self.schedule.mask_rate(torch.ones((), dtype=torch.float64, device=r.device)).double()
         t = _time_at(self.schedule, r)
-        w = self.schedule.weight(t).double()
+        w = _elbo_weight(self.schedule, t)
         inside = (r >= self.t_min) & (r <= top) & (r > 0)
         return torch.where(inside, 1.0 / ((1.0 - t_lo) * w).clamp_min(_TINY), 0.0)
 
@@ -339,7 +377,7 @@ class MDObjective(Objective):
             r = self.schedule.mask_rate(t).double()
             mask = random_mask(tokens, r.clamp(0.0, 1.0), exact=False, maskable=maskable, generator=generator)
             if not self.complementary:
-                weight = iw * (1.0 - t_lo) * self.schedule.weight(t).double()
+                weight = iw * (1.0 - t_lo) * _elbo_weight(self.schedule, t)
                 return self.build(tokens, mask, t.float(), maskable=maskable, doc_ids=doc_ids,
                                   row_weight=weight.float())
             s = 1.0 - r
