@@ -6,6 +6,7 @@ import torch
 
 from dualobj import _random
 from dualobj._errors import (
+    DualObjTypeError,
     check_generator,
     check_int,
     check_probability,
@@ -20,12 +21,15 @@ from dualobj._errors import (
 def check_vocab_range(vocab_range: object) -> tuple[int, int]:
     """Check a ``(low, high)`` pair of ints with ``0 <= low < high``; returns it as a tuple."""
     expected = "a (low, high) pair of ints with 0 <= low < high"
-    ok = isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2
-    if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in vocab_range):
+    if not (isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2):
         raise fail_type("vocab_range", expected, describe(vocab_range))
-    if not 0 <= vocab_range[0] < vocab_range[1]:
+    try:
+        low, high = (check_int("vocab_range", v) for v in vocab_range)
+    except DualObjTypeError:
+        raise fail_type("vocab_range", expected, describe(vocab_range)) from None
+    if not 0 <= low < high:
         raise fail("vocab_range", expected, describe(vocab_range))
-    return int(vocab_range[0]), int(vocab_range[1])
+    return low, high
 
 
 def corrupt(

@@ -24,9 +24,7 @@ from dualobj._errors import (
     check_int,
     check_number,
     check_tensor,
-    describe,
     fail,
-    fail_type,
     validation_enabled,
 )
 
@@ -182,12 +180,7 @@ class KumaraswamySampler:
 
     def __post_init__(self) -> None:
         for name in ("a", "b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise fail_type(name, "a finite number > 0", describe(value))
-            if not 0.0 < value < math.inf:
-                raise fail(name, "a finite number > 0", describe(value))
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, check_number(name, getattr(self, name), low=0.0, low_open=True))
         check_range(self.t_min, self.t_max)
         object.__setattr__(self, "t_min", float(self.t_min))
         object.__setattr__(self, "t_max", float(self.t_max))
