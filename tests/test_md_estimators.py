@@ -22,6 +22,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dualobj import DualObjError, set_validation, validation
 from dualobj._errors import DualObjTypeError
@@ -297,6 +299,38 @@ def test_complementary_pairs_score_every_maskable_token_exactly_once():
         maskable = md.eligible(x)
         assert torch.equal(masked[:16] | masked[16:], maskable) and not (masked[:16] & masked[16:]).any()
         assert torch.equal(b.input_ids[~masked], torch.cat([x, x])[~masked])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 6),
+    L=st.integers(1, 14),
+    estimator=st.sampled_from(["count", "bernoulli", "official"]),
+    complementary=st.booleans(),
+    shift=st.booleans(),
+    schedule=st.sampled_from(SCHEDULES),
+    seed=st.integers(0, 2**16),
+)
+def test_batches_are_well_formed_for_every_estimator(B, L, estimator, complementary, shift, schedule, seed):
+    complementary = complementary and estimator != "official"
+    x = torch.randint(NUM_SPECIAL, V, (B, L), generator=gen(seed))
+    x[0] = BOS  # a row with nothing to mask
+    prompt = torch.randint(0, L + 1, (B,), generator=gen(seed + 1))
+    md = MDObjective(MASK, num_special=NUM_SPECIAL, estimator=estimator, complementary=complementary, shift=shift,
+                     schedule=schedule)
+    b = md.prepare(x, prompt_lengths=prompt, generator=gen(seed + 2))
+    rows = 2 * B if complementary else B
+    assert b.shape == (rows, L)
+    masked = b.input_ids == MASK
+    maskable = md.eligible(x, prompt_lengths=prompt).repeat(rows // B, 1)
+    assert not (masked & ~maskable).any()
+    labelled = b.labels != -100
+    assert ((b.weights > 0) <= labelled).all() and torch.isfinite(b.weights).all() and (b.weights >= 0).all()
+    assert (labelled <= b.valid_mask()).all() and not labelled[0].any()
+    assert torch.isfinite(b.t).all() and ((b.t >= 0) & (b.t <= 1)).all()
+    if estimator != "bernoulli":  # at least one masked token wherever there is one to mask (the draws)
+        n = maskable[:B].sum(1)
+        assert ((masked[:B].sum(1) >= 1) | (n == 0)).all()
 
 
 # ------------------------------------------------------------------------------------------- refused combinations
