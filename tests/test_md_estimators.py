@@ -549,3 +549,27 @@ def test_build_default_weight_is_the_continuous_time_weight():
     torch.testing.assert_close(b.weights, torch.where(mask, w[:, None], 0.0))
     out = cross_entropy(torch.zeros(2, 5, V), b, normalize="none")
     torch.testing.assert_close(out.total, (w * mask.sum(1)).sum() * math.log(V))
+
+
+def test_bench_variance_measures_every_estimator(monkeypatch):
+    from dualobj.bench import SUITES, variance
+    from dualobj.bench._core import Context
+
+    assert "variance" in SUITES
+    monkeypatch.setattr(variance, "QUICK", {"toy": {"batch": 4, "length": 5, "vocab": 6, "repeats": 3},
+                                            "text": {"batch": 4, "length": 6, "vocab": 8, "repeats": 3}})
+    stats = variance.measure(Context(quick=True))
+    assert set(stats) == {"toy", "text"} and set(stats["toy"]) == set(variance.ESTIMATORS)
+    assert all(math.isfinite(v) for rows in stats.values() for s in rows.values() for v in s.values())
+    assert "bias" in stats["toy"]["count"] and "bias" not in stats["text"]["count"]
+    # The exact value the bias is measured against: the enumeration matches the count estimator's definition.
+    model = variance.BagModel(6)
+    rows = variance._data({"batch": 4, "length": 5, "vocab": 6}, "cpu")
+    md = variance._objective({})
+    many = rows.repeat(4000, 1)
+    batch = md.prepare(many, generator=gen(30))
+    with torch.no_grad():
+        per_row = (batch.weights * F.cross_entropy(model(batch.input_ids).transpose(1, 2), batch.labels,
+                                                   ignore_index=-100, reduction="none")).sum(1) / 5
+    assert_within(per_row.double(), variance._exact(model, rows, md))
+    assert "Var loss" in variance.table(stats) and "official (biased)" in variance.table(stats)

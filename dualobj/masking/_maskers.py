@@ -44,6 +44,14 @@ class RandomMasker:
         exact: exactly ``rounding(rate · n)`` positions per row (True) or Bernoulli(``rate``) per position.
         rounding: ``"stochastic"`` (``E[k] = rate · n``), ``"floor"``, ``"round"`` or ``"ceil"``.
         min_count: at least this many masked positions in rows that have them (exact counts only).
+
+    Example:
+        >>> import torch
+        >>> masker = RandomMasker(rounding="round")
+        >>> tokens = torch.arange(20).reshape(2, 10)
+        >>> mask = masker(tokens, torch.tensor([0.3, 0.5]), maskable=tokens >= 2, generator=torch.Generator())
+        >>> mask.sum(1).tolist()  # round(0.3 · 8) and round(0.5 · 10) maskable positions
+        [2, 5]
     """
 
     exact: bool = True
