@@ -301,6 +301,7 @@ def test_complementary_pairs_score_every_maskable_token_exactly_once():
         assert torch.equal(b.input_ids[~masked], torch.cat([x, x])[~masked])
 
 
+@pytest.mark.filterwarnings("ignore:MDObjective.estimator='bernoulli'")  # t^0.25 warns about its variance
 @settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(1, 6),

@@ -10,7 +10,7 @@ and takes a ``generator`` so the same seed gives the same mask.
 from dualobj.masking._corrupt import corrupt
 from dualobj.masking._maskable import maskable_positions
 from dualobj.masking._maskers import Corruption, Masker, RandomMasker, SpanMasker, run_ids
-from dualobj.masking._random import ROUNDINGS, random_mask
+from dualobj.masking._random import ROUNDINGS, count_mask, random_mask
 from dualobj.masking._span import (
     SPAN_SCHEMES,
     GeometricSpans,
@@ -33,6 +33,7 @@ __all__ = [
     "T5Spans",
     "UniformSpans",
     "corrupt",
+    "count_mask",
     "inverse_cdf",
     "maskable_positions",
     "random_mask",

@@ -144,3 +144,36 @@ def row_counts(
     cap = n if cap is None else cap
     k = round_counts(rates * n, rounding, generator=generator)
     return torch.minimum(k.clamp_min(min_count), cap)
+
+
+def count_mask(
+    tokens_or_shape: torch.Tensor | tuple[int, int],
+    counts: torch.Tensor,
+    *,
+    maskable: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mask exactly ``min(counts[b], n_b)`` uniformly chosen maskable positions of each row ``b``.
+
+    The same selection as :func:`random_mask` with ``exact=True``, given the counts instead of rates.
+
+    Args:
+        tokens_or_shape: a ``[B, L]`` tensor (its shape and device are used) or a ``(B, L)`` tuple (CPU).
+        counts: ``[B]`` integer counts (negative counts mask nothing).
+        maskable: ``[B, L]`` bool, positions allowed to be masked (all when ``None``).
+        generator: the source of randomness (see :mod:`dualobj._random`).
+
+    Returns:
+        ``[B, L]`` bool mask on the device of ``tokens_or_shape``.
+
+    Example:
+        >>> import torch
+        >>> count_mask((2, 6), torch.tensor([1, 4]), generator=torch.Generator().manual_seed(0)).sum(1).tolist()
+        [1, 4]
+    """
+    (B, L), device = resolve_shape(tokens_or_shape)
+    check_tensor("counts", counts, shape=(B,), integer=True)
+    allowed = resolve_maskable(maskable, B, L, device)
+    check_generator("generator", generator)
+    keys = random_keys((B, L), generator=generator, device=device).masked_fill_(~allowed, EXCLUDED)
+    return smallest_k(keys, counts.to(device))

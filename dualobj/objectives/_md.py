@@ -21,7 +21,7 @@ from dualobj._errors import (
     fail_type,
     validation_enabled,
 )
-from dualobj.masking import Corruption, maskable_positions, random_mask
+from dualobj.masking import Corruption, count_mask, maskable_positions, random_mask
 from dualobj.objectives._base import Objective, check_tokens, same_document_next, shift_left
 from dualobj.objectives._batch import IGNORE_INDEX, Batch
 from dualobj.schedules import LinearSchedule, NoiseSchedule, StratifiedSampler, TimeSampler, UniformSampler
@@ -305,14 +305,20 @@ class MDObjective(Objective):
             out &= torch.roll(same_document_next(doc_ids, B, L, tokens.device), 1, dims=1)
         return out
 
-    def _count_probability(self, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """``P(k)`` ``[B]`` float64: the probability that ``⌈mask_rate(t)·n⌉ = k`` (``k >= 1``) for ``t ~ U(0, 1)``;
-        0 where ``k < 1`` or ``k > n``."""
+    def _count_probabilities(
+        self, counts: list[torch.Tensor], n: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For each ``[B]`` count tensor ``c``: ``P(c)`` (float64), the probability that ``⌈mask_rate(t)·n⌉ = c``
+        (``c >= 1``) for ``t ~ U(0, 1)``, 0 where ``c < 1`` or ``c > n``; and ``T(c/n)``. One schedule call for all."""
         nf = n.double().clamp_min(1.0)
-        kf = k.double()
-        p = _time_at(self.schedule, kf / nf) - _time_at(self.schedule, (kf - 1.0) / nf)
-        p = torch.where(kf == 1.0, _time_at(self.schedule, kf / nf), p)  # T(0) = 0 for every schedule
-        return torch.where((k >= 1) & (k <= n), p, 0.0)
+        rates = torch.stack([r for c in counts for r in (c.double() / nf, (c.double() - 1.0) / nf)])
+        times = _time_at(self.schedule, rates.clamp(0.0, 1.0)).unbind(0)
+        probs, upper = [], []
+        for i, c in enumerate(counts):
+            hi, lo = times[2 * i], times[2 * i + 1]
+            probs.append(torch.where((c >= 1) & (c <= n), hi - lo, 0.0))
+            upper.append(hi)
+        return probs, upper
 
     def _bernoulli_density(self, r: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor:
         """``r · p(r)`` ``[B]`` float64: ``p`` the density of the mask rate under ``t ~ U(T(t_min), 1)``; 0 outside
@@ -396,24 +402,21 @@ class MDObjective(Objective):
             k = torch.minimum(torch.floor(L * rate + v).long().clamp_min(1), n)
         else:
             k = torch.minimum(torch.ceil(rate * nf).long().clamp_min(1), n)
-        mask = random_mask(tokens, torch.where(n > 0, k.double() / nf.clamp_min(1.0), 0.0), exact=True,
-                           maskable=maskable, rounding="round", generator=generator)
+        mask = count_mask(tokens, k, maskable=maskable, generator=generator)
         kf = k.double()
         if self.estimator == "official":
             weight = iw / ((1.0 - OFFICIAL_FLOOR) * kf / L + OFFICIAL_FLOOR)
             return self.build(tokens, mask, u.float(), maskable=maskable, doc_ids=doc_ids, row_weight=weight.float())
-        t = _time_at(self.schedule, kf / nf.clamp_min(1.0))
-        p_k = self._count_probability(k, n)
         if not self.complementary:
+            (p_k,), (t,) = self._count_probabilities([k], n)
             weight = torch.where(k >= 1, iw / (kf * p_k).clamp_min(_TINY), 0.0)
             return self.build(tokens, mask, t.float(), maskable=maskable, doc_ids=doc_ids, row_weight=weight.float())
         j = n - k
-        p_j = self._count_probability(j, n)
+        (p_k, p_j), (t, t_second) = self._count_probabilities([k, j], n)
         # A row with count c is weighted 2 / (c·(P(c) + P(n − c))): a count c arises as a draw (probability P(c))
         # or as the complement of the draw n − c (probability P(n − c)).
         w_first = torch.where(k >= 1, 2.0 * iw / (kf * (p_k + p_j)).clamp_min(_TINY), 0.0)
         w_second = torch.where(j >= 1, 2.0 * iw / (j.double() * (p_j + p_k)).clamp_min(_TINY), 0.0)
-        t_second = _time_at(self.schedule, j.double() / nf.clamp_min(1.0))
         return self._pair(tokens, mask, maskable, doc_ids, t, t_second, w_first, w_second)
 
     def _pair(
