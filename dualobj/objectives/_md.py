@@ -21,7 +21,7 @@ from dualobj._errors import (
     fail_type,
     validation_enabled,
 )
-from dualobj.masking import Corruption, count_mask, maskable_positions, random_mask
+from dualobj.masking import Corruption, RandomMasker, count_mask, maskable_positions, random_mask
 from dualobj.objectives._base import Objective, check_tokens, same_document_next, shift_left
 from dualobj.objectives._batch import IGNORE_INDEX, Batch
 from dualobj.schedules import LinearSchedule, NoiseSchedule, StratifiedSampler, TimeSampler, UniformSampler
@@ -246,8 +246,6 @@ class MDObjective(Objective):
                 raise fail("complementary", "False with weighting='none' (complementary pairs are an ELBO "
                            "variance reduction)", complementary)
             if masker is None:
-                from dualobj.masking import RandomMasker
-
                 masker = RandomMasker(exact=True if exact is None else exact,
                                       rounding="stochastic" if rounding is None else rounding,
                                       min_count=0 if min_count is None else min_count)
