@@ -408,9 +408,10 @@ def test_negative_ids_pass_unchecked_with_validation_off():
 
 
 def dtype_objectives():
-    # AR, the dual mix by rows and by both, and MD inside a one-component mixture (which hands it int64 ids).
+    # AR, MD, the dual mix by rows and by both, and MD inside a one-component mixture.
     return {
         "ar": ARObjective(),
+        "md": md(),
         "dual-rows": DualObjective(0.5, md=md()),
         "dual-both": DualObjective(0.5, md=md(), split="both"),
         "dual-rows-ar": DualObjective(1.0, md=md()),

@@ -436,7 +436,7 @@ def test_pieces_of_a_span_around_unmaskable_positions_go_together():
 
 
 def t5_counts(n: int, rate: float, mu: float) -> tuple[int, int]:
-    noise = min(round(n * rate), n - 1) if n > 0 else 0
+    noise = min(max(round(n * rate), 1), n - 1) if n > 0 else 0  # T5: at least one noise token
     spans = min(max(round(noise / mu), 1), n - noise) if noise > 0 else 0
     return noise, spans
 
@@ -467,7 +467,7 @@ def test_t5_noise_counts_hold_whatever_the_rate_form_rounding_and_min_count(B, L
                      generator=gen(seed))
     x = rate * L
     k = {"floor": math.floor(x), "ceil": math.ceil(x), "round": round(x)}[rounding]
-    assert (mask.sum(1) == min(max(k, min_count), L - 1)).all()
+    assert (mask.sum(1) == min(max(k, min_count, 1), L - 1)).all()  # T5 forces at least one noise token
 
 
 def test_t5_counts_at_2048_and_the_more_spans_than_gaps_guard():

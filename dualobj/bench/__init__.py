@@ -7,7 +7,7 @@ peak extra memory where asked, checks the outputs agree and reports ``ours / bas
 
 from dualobj.bench._core import Case, Context, Impl, allclose
 
-SUITES = ("loss", "masking", "attention", "step")
+SUITES = ("loss", "masking", "attention", "step", "variance")
 """The suite names, each a module ``dualobj.bench.<name>``."""
 
 __all__ = ["SUITES", "Case", "Context", "Impl", "allclose"]

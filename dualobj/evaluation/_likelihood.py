@@ -258,7 +258,7 @@ def md_elbo(
                 t = times[s, start:start + x.shape[0]].to(x.device).clamp_min(1e-6)
                 mask = random_mask(x, t, exact=False, maskable=maskable, generator=gen)
             else:
-                counts = sample_counts(maskable.sum(dim=1), antithetic=True, generator=gen)
+                counts = sample_counts(maskable.sum(dim=1), stratified=True, generator=gen)
                 mask = random_mask(x, counts.rate, exact=True, maskable=maskable, rounding="round", generator=gen)
                 t = torch.where(counts.count > 0, counts.rate, 1.0)  # weight 1/t = n/k
             a, b = _score(model, scorer.build(x, mask, t, maskable=maskable, doc_ids=d), head, scorer)

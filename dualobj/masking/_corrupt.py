@@ -5,15 +5,31 @@ from __future__ import annotations
 import torch
 
 from dualobj import _random
-from dualobj._errors import check_probability, check_tensor, describe, fail
+from dualobj._errors import (
+    DualObjTypeError,
+    check_generator,
+    check_int,
+    check_probability,
+    check_tensor,
+    describe,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 
 
-def _check_vocab_range(vocab_range: object) -> tuple[int, int]:
-    ok = isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in vocab_range)
-    if not ok or not 0 <= vocab_range[0] < vocab_range[1]:
-        raise fail("vocab_range", "a (low, high) pair of ints with 0 <= low < high", describe(vocab_range))
-    return int(vocab_range[0]), int(vocab_range[1])
+def check_vocab_range(vocab_range: object) -> tuple[int, int]:
+    """Check a ``(low, high)`` pair of ints with ``0 <= low < high``; returns it as a tuple."""
+    expected = "a (low, high) pair of ints with 0 <= low < high"
+    if not (isinstance(vocab_range, (tuple, list)) and len(vocab_range) == 2):
+        raise fail_type("vocab_range", expected, describe(vocab_range))
+    try:
+        low, high = (check_int("vocab_range", v) for v in vocab_range)
+    except DualObjTypeError:
+        raise fail_type("vocab_range", expected, describe(vocab_range)) from None
+    if not 0 <= low < high:
+        raise fail("vocab_range", expected, describe(vocab_range))
+    return low, high
 
 
 def corrupt(
@@ -53,15 +69,15 @@ def corrupt(
     """
     check_tensor("tokens", tokens, ndim=2, integer=True)
     check_tensor("mask", mask, shape=tuple(tokens.shape), dtypes=(torch.bool,))
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
-        raise fail("mask_token_id", "an int >= 0", describe(mask_token_id))
+    check_int("mask_token_id", mask_token_id, low=0)
+    check_generator("generator", generator)
     random_p = check_probability("random_p", random_p)
     keep_p = check_probability("keep_p", keep_p)
     if random_p + keep_p > 1.0:
         raise fail("random_p + keep_p", "at most 1", f"{random_p} + {keep_p} = {random_p + keep_p}")
     low, high = 0, 0
     if vocab_range is not None:
-        low, high = _check_vocab_range(vocab_range)
+        low, high = check_vocab_range(vocab_range)
         if low <= mask_token_id < high:
             raise fail("mask_token_id", f"an id outside vocab_range=[{low}, {high})", mask_token_id)
     elif random_p > 0:
@@ -74,6 +90,9 @@ def corrupt(
     choice = u
     if spans is not None:
         check_tensor("spans", spans, shape=(B, L), integer=True)
+        if validation_enabled() and spans.numel() and bool(((spans < -1) | (spans >= L)).any()):
+            raise fail("spans", f"span ids in [-1, {L}) (-1 = not in a span)",
+                       f"values in [{int(spans.min())}, {int(spans.max())}]")
         choice = torch.gather(u, 1, spans.to(tokens.device).long().clamp(0, max(L - 1, 0)))
         # The category is per span; the random id needs a fresh draw, scaled to look like u < random_p.
         u = _random.rand((B, L), generator=generator, device=tokens.device, dtype=torch.float64) * random_p

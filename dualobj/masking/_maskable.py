@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_int, check_tensor, describe, fail
 
 
 def maskable_positions(
@@ -39,10 +39,10 @@ def maskable_positions(
         if ids.numel():
             conditions.append(~torch.isin(tokens, ids))
     if num_special is not None:
-        if isinstance(num_special, bool) or not isinstance(num_special, int) or num_special < 0:
-            raise fail("num_special", "an int >= 0", describe(num_special))
+        check_int("num_special", num_special, low=0)
         conditions.append(tokens >= num_special)
     if pad_id is not None:
+        check_int("pad_id", pad_id)
         conditions.append(tokens != pad_id)
     if prompt_lengths is not None:
         check_tensor("prompt_lengths", prompt_lengths, shape=(B,), integer=True)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 
 from dualobj import _random
-from dualobj._errors import check_choice, check_tensor, describe, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_number,
+    check_tensor,
+    describe,
+    fail,
+    validation_enabled,
+)
 from dualobj.masking._select import EXCLUDED, random_keys, smallest_k
 
 ROUNDINGS = ("stochastic", "floor", "round", "ceil")
@@ -32,11 +42,10 @@ def resolve_rate(rate: float | torch.Tensor, B: int, device: torch.device) -> to
         if rate.ndim == 0:
             rate = rate.reshape(1).expand(B)
         check_tensor("rate", rate, shape=(B,), floating=True)
-        if not torch.compiler.is_compiling() and bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
+        if validation_enabled() and rate.numel() and bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
             raise fail("rate", "values in [0, 1]", f"min {rate.min().item():.4g}, max {rate.max().item():.4g}")
         return rate.to(device=device, dtype=torch.float64)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= float(rate) <= 1.0):
-        raise fail("rate", "a number in [0, 1] or a [B] tensor", describe(rate))
+    check_number("rate", rate, low=0.0, high=1.0)
     return torch.full((B,), float(rate), device=device, dtype=torch.float64)
 
 
@@ -103,6 +112,8 @@ def random_mask(
     rates = resolve_rate(rate, B, device)
     allowed = resolve_maskable(maskable, B, L, device)
     check_min_count(min_count)
+    check_bool("exact", exact)
+    check_generator("generator", generator)
     if not exact:
         u = _random.rand((B, L), generator=generator, device=device)
         return (u < rates.float()[:, None]) & allowed
@@ -113,9 +124,7 @@ def random_mask(
 
 def check_min_count(min_count: object) -> int:
     """Check ``min_count`` is an int >= 0."""
-    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-        raise fail("min_count", "an int >= 0", describe(min_count))
-    return min_count
+    return check_int("min_count", min_count, low=0)
 
 
 def row_counts(
@@ -135,3 +144,36 @@ def row_counts(
     cap = n if cap is None else cap
     k = round_counts(rates * n, rounding, generator=generator)
     return torch.minimum(k.clamp_min(min_count), cap)
+
+
+def count_mask(
+    tokens_or_shape: torch.Tensor | tuple[int, int],
+    counts: torch.Tensor,
+    *,
+    maskable: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mask exactly ``min(counts[b], n_b)`` uniformly chosen maskable positions of each row ``b``.
+
+    The same selection as :func:`random_mask` with ``exact=True``, given the counts instead of rates.
+
+    Args:
+        tokens_or_shape: a ``[B, L]`` tensor (its shape and device are used) or a ``(B, L)`` tuple (CPU).
+        counts: ``[B]`` integer counts (negative counts mask nothing).
+        maskable: ``[B, L]`` bool, positions allowed to be masked (all when ``None``).
+        generator: the source of randomness (see :mod:`dualobj._random`).
+
+    Returns:
+        ``[B, L]`` bool mask on the device of ``tokens_or_shape``.
+
+    Example:
+        >>> import torch
+        >>> count_mask((2, 6), torch.tensor([1, 4]), generator=torch.Generator().manual_seed(0)).sum(1).tolist()
+        [1, 4]
+    """
+    (B, L), device = resolve_shape(tokens_or_shape)
+    check_tensor("counts", counts, shape=(B,), integer=True)
+    allowed = resolve_maskable(maskable, B, L, device)
+    check_generator("generator", generator)
+    keys = random_keys((B, L), generator=generator, device=device).masked_fill_(~allowed, EXCLUDED)
+    return smallest_k(keys, counts.to(device))

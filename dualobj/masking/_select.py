@@ -23,6 +23,7 @@ EXCLUDED = 1 << KEY_BITS
 _LOW_BITS = 12
 _HIGH_BITS = KEY_BITS - _LOW_BITS
 _BLOCK = 64  # 2**12 buckets searched as 64 blocks of 64
+_SORT_BELOW = 64  # rows of at most this many positions are selected by a sort instead
 
 
 def random_keys(
@@ -69,6 +70,14 @@ def smallest_k(keys: torch.Tensor, k: torch.Tensor, *, work: torch.Tensor | None
     B, L = keys.shape
     device = keys.device
     i32 = torch.int32
+    if L <= _SORT_BELOW:
+        # Short rows: a stable sort of L keys is cheaper than two 4096-bucket histograms per row, and selects the
+        # same positions (the smallest keys, equal keys leftmost first).
+        order = torch.sort(keys, dim=1, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
+        available = (keys < EXCLUDED).sum(1)
+        take = torch.minimum(k.to(device=device, dtype=torch.long).clamp_min(0), available)
+        return ranks < take[:, None]
     # Counts never exceed L; int16 histograms halve the memory the passes touch.
     count = torch.int16 if L < 1 << 15 else i32
     # EXCLUDED keys land in the extra bucket 4096. Scatter indices are int64; the buffer is reused below.

@@ -20,7 +20,16 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from dualobj import _random
-from dualobj._errors import check_choice, check_probability, describe, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_number,
+    check_probability,
+    describe,
+    fail,
+)
 from dualobj.masking._random import (
     ROUNDINGS,
     check_min_count,
@@ -61,9 +70,7 @@ def inverse_cdf(pmf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _check_length(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(name, "an int >= 1", describe(value))
-    return value
+    return check_int(name, value, low=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +147,8 @@ class GeometricSpans:
 class T5Spans:
     """T5's span corruption: exact noise and span counts, spans never adjacent.
 
-    In a row with ``n`` maskable positions, ``N = rounding(rate · n)`` noise tokens (at most ``n − 1``; T5 uses
+    In a row with ``n`` maskable positions, ``N = rounding(rate · n)`` noise tokens, clamped to ``[1, n − 1]`` as
+    T5 does (so a row of ``n >= 2`` always gets at least one noise token, even at rate 0; T5 uses
     round-half-to-even, the default here) are split into ``S = max(1, round(N / mean_length))`` spans (at most
     ``n − N``, so that non-noise runs separate them). Noise and non-noise lengths are each a uniformly random
     composition; they alternate starting with non-noise, so the first maskable position is never noise and the
@@ -158,9 +166,8 @@ class T5Spans:
     rounding: str = "round"
 
     def __post_init__(self) -> None:
-        ok = isinstance(self.mean_length, (int, float)) and not isinstance(self.mean_length, bool)
-        if not ok or not self.mean_length >= 1.0:
-            raise fail("mean_length", "a number >= 1", describe(self.mean_length))
+        check_number("mean_length", self.mean_length, low=1.0)
+        check_bool("random_roll", self.random_roll)
         check_choice("rounding", self.rounding, ROUNDINGS)
 
 
@@ -182,7 +189,8 @@ def span_mask(
     """Mask contiguous spans in every row of a batch at once.
 
     **Count.** Exact: row ``b`` gets exactly ``k_b = rounding(rate_b · n_b)`` masked positions (``n_b`` its
-    maskable count), clamped to ``[min(min_count, n_b), n_b]`` (T5 spans: at most ``n_b − 1``).
+    maskable count), clamped to ``[min(min_count, n_b), n_b]`` (T5 spans: to ``[max(min_count, 1), n_b − 1]``, as
+    T5).
 
     **Tiled spans** (:class:`UniformSpans`, :class:`GeometricSpans`): the row is tiled by spans with lengths drawn
     from ``lengths``, and spans are taken in a uniformly random order until ``k_b`` positions are masked; to hit
@@ -220,6 +228,8 @@ def span_mask(
     rates = resolve_rate(rate, B, device)
     allowed = resolve_maskable(maskable, B, L, device)
     check_min_count(min_count)
+    check_bool("return_spans", return_spans)
+    check_generator("generator", generator)
     rounding = lengths.rounding if rounding is None else rounding
     check_choice("rounding", rounding, ROUNDINGS)
     n = allowed.sum(dim=1)
@@ -227,7 +237,7 @@ def span_mask(
     if tiled:
         mask, ids = _tiled_spans(allowed, torch.minimum(k, n), lengths, generator, return_spans)
     else:
-        noise = torch.minimum(k, (n - 1).clamp_min(0))
+        noise = torch.minimum(k.clamp_min(1), (n - 1).clamp_min(0))  # T5: at least one, at most n - 1
         mask, ids = _t5_spans(allowed, n, noise, lengths, generator, _noise_bound(rate, min_count, L))
     return (mask, ids) if return_spans else mask
 

@@ -4,7 +4,7 @@
   :class:`LinearSchedule`, :class:`CosineSchedule` (``"1-sin"``, ``"cos"``, ``"cos^2"``), :class:`PolynomialSchedule`,
   :class:`GeometricSchedule`, :class:`LogSchedule`, :func:`schedule_from_alpha`.
 - Time samplers (``sampler(n, device=, generator=) -> TimeSample`` of ``[n]`` tensors): :class:`UniformSampler`,
-  :class:`AntitheticSampler`, :class:`KumaraswamySampler` (importance weights); :func:`sample_counts` for the
+  :class:`StratifiedSampler`, :class:`KumaraswamySampler` (importance weights); :func:`sample_counts` for the
   exact-count ELBO evaluation (``k ~ U{1..n}``, weight ``n/k``).
 - Step schedules (``step -> value in [0, 1]``, for α or a mask rate): :func:`constant`, :func:`linear_ramp`,
   :func:`cosine_ramp`, :func:`warmup`, :func:`join`, :func:`repetition_rule` / :func:`repetition_alpha`.
@@ -32,9 +32,9 @@ from dualobj.schedules._steps import (
     warmup,
 )
 from dualobj.schedules._time import (
-    AntitheticSampler,
     CountSample,
     KumaraswamySampler,
+    StratifiedSampler,
     TimeSample,
     TimeSampler,
     UniformSampler,
@@ -42,7 +42,6 @@ from dualobj.schedules._time import (
 )
 
 __all__ = [
-    "AntitheticSampler",
     "AutogradSchedule",
     "CosineSchedule",
     "CountSample",
@@ -54,6 +53,7 @@ __all__ = [
     "NoiseScheduleBase",
     "PolynomialSchedule",
     "StepSchedule",
+    "StratifiedSampler",
     "TimeSample",
     "TimeSampler",
     "UniformSampler",

@@ -6,7 +6,7 @@ Every schedule here is named by its formula for α(t). The continuous-time ELBO 
 
 Epsilon policy: ``weight(t)`` is evaluated at ``max(t, eps)`` (``eps`` is a field of every schedule, 1e-6 by
 default), so it is finite for every ``t`` in [0, 1] including ``t = 0``. ``alpha``, ``mask_rate`` and ``dalpha``
-are exact at every ``t``. Objectives clamp ``t`` to ``[t_min, 1]`` themselves (``t_min = 1e-3`` by default).
+are exact at every ``t``. The MD objective truncates on the mask rate itself (see ``MDObjective``).
 
 Dtypes: float64 inputs are computed in float64; every other floating dtype is computed and returned in float32.
 """
