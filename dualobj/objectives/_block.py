@@ -181,6 +181,10 @@ class BlockDiffusionObjective(Objective):
     ) -> Batch:
         """Draw a noise level per block (or row) and a mask per block, and build the ``[x_t ; x_0]`` batch.
 
+        The value checks (ids, ``mask_token_id`` absent, rates in range) run only while
+        :func:`dualobj.validation_enabled`; with validation off, and the default sampler and masker, nothing here
+        reads a device tensor's values, so a CUDA step never waits for the host.
+
         Args:
             tokens: ``[B, L]`` clean integer ids of any integer dtype (must not contain ``mask_token_id``).
             step: ignored (the objective does not depend on the step).
