@@ -266,7 +266,9 @@ class LossOutput:
             ``"md/tokens"`` (scored MD targets), ``"md/mask_rate"`` (scored / valid over MD rows),
             ``"accuracy"`` (top-1 over all targets), ``"z_loss"`` (mean ``logsumexp²`` per target). The keys
             are always present so logging and ``torch.compile`` see a fixed structure; a kind with no tokens in
-            this batch reports 0 loss and 0 tokens.
+            this batch reports 0 loss and 0 tokens. A batch with ``component`` set (a mixture's, or a
+            block-diffusion batch, whose rows form the component ``"bd"``) adds ``"<name>/loss"`` and
+            ``"<name>/tokens"`` for each of its component names.
     """
 
     loss: torch.Tensor
