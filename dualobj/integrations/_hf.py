@@ -31,8 +31,10 @@ class DualObjectiveTrainer(Trainer):
     2. sums their loss denominators (:func:`~dualobj.objectives.batch_count`), all-reduced over devices when
        ``args.average_tokens_across_devices`` is set; this plays the part of ``num_items_in_batch``, which
        would otherwise count shifted labels and be wrong for MD rows;
-    3. runs the model with the 4D mask from :func:`additive_attention_mask` (per-row causal or bidirectional,
-       documents kept apart) and scores the logits with :func:`~dualobj.objectives.cross_entropy`;
+    3. runs the model with the 4D mask from :func:`additive_attention_mask`, built from ``batch.layout``
+       (per-row causal or bidirectional, documents kept apart; the block rule for block-diffusion batches), with
+       ``position_ids=batch.position_ids`` when the batch sets them (block diffusion: both halves of ``[x_t ; x_0]``
+       count from 0), and scores the logits with :func:`~dualobj.objectives.cross_entropy`;
     4. returns ``total / N`` (times the number of processes, to cancel DDP's gradient average, when the count is
        global), already scaled for gradient accumulation.
 
@@ -48,8 +50,8 @@ class DualObjectiveTrainer(Trainer):
 
     Args:
         objective: any objective following :class:`~dualobj.objectives.ObjectiveProtocol` (``ARObjective``,
-            ``MDObjective``, ``DualObjective``, a ``Mixture``, your own). Its ``prepare`` receives
-            ``step=state.global_step``.
+            ``MDObjective``, ``DualObjective``, ``BlockDiffusionObjective``, a ``Mixture``, your own). Its
+            ``prepare`` receives ``step=state.global_step``.
         normalize: the denominator (default: the objective's own ``normalize``, else ``"valid"``).
         *args, **kwargs: passed to ``transformers.Trainer``.
 
@@ -127,7 +129,8 @@ class DualObjectiveTrainer(Trainer):
             prefix_lengths=inputs.get("prefix_lengths"),
             padding_mask=inputs.get("attention_mask"),
         )
-        outputs = model(input_ids=batch.input_ids, attention_mask=mask)
+        extra = {} if batch.position_ids is None else {"position_ids": batch.position_ids}
+        outputs = model(input_ids=batch.input_ids, attention_mask=mask, **extra)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         out = cross_entropy(logits, batch, z_loss=getattr(self.objective, "z_loss", 0.0), normalize=self.normalize)
         self.last_output = out

@@ -49,7 +49,8 @@ class Batch:
             from 0 in each packed document. Block-diffusion batches set them: ``0 .. L-1`` (per document) in both
             halves.
         block_size: ``None``, or the block size of a block-diffusion batch (rows ``[x_t ; x_0]``).
-        component: ``[B]`` int64 on the **CPU**, or ``None``. Set by a mixture: the index into
+        component: ``[B]`` int64 on the **CPU**, or ``None``. Set by a mixture (and by block diffusion, whose
+            rows form the one component ``"bd"``): the index into
             ``component_names`` of the component that made each row. The loss then reports ``"<name>/loss"`` and
             ``"<name>/tokens"`` for every name.
         component_names: the mixture's component names (set together with ``component``), or ``None``.
@@ -265,7 +266,9 @@ class LossOutput:
             ``"md/tokens"`` (scored MD targets), ``"md/mask_rate"`` (scored / valid over MD rows),
             ``"accuracy"`` (top-1 over all targets), ``"z_loss"`` (mean ``logsumexp²`` per target). The keys
             are always present so logging and ``torch.compile`` see a fixed structure; a kind with no tokens in
-            this batch reports 0 loss and 0 tokens.
+            this batch reports 0 loss and 0 tokens. A batch with ``component`` set (a mixture's, or a
+            block-diffusion batch, whose rows form the component ``"bd"``) adds ``"<name>/loss"`` and
+            ``"<name>/tokens"`` for each of its component names.
     """
 
     loss: torch.Tensor

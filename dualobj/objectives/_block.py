@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from dualobj import _random
 from dualobj._errors import (
     check_choice,
     check_generator,
@@ -18,7 +19,7 @@ from dualobj._errors import (
     validation_enabled,
 )
 from dualobj.attention import document_positions
-from dualobj.masking import maskable_positions, random_mask
+from dualobj.masking import maskable_positions
 from dualobj.objectives._base import Objective, check_tokens
 from dualobj.objectives._batch import IGNORE_INDEX, Batch
 from dualobj.schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformSampler
@@ -27,6 +28,8 @@ Masker = Callable[..., torch.Tensor]
 """``masker(tokens, rate, *, maskable, generator) -> [B, L] bool`` with ``rate`` a ``[B]`` float tensor."""
 
 T_PER = ("block", "row")
+METRICS_NAME = "bd"
+"""The component name under which a block-diffusion batch reports its metrics (``"bd/loss"``, ``"bd/tokens"``)."""
 BD_WEIGHTINGS = ("elbo", "none")
 
 
@@ -34,8 +37,24 @@ def bernoulli_masker(
     tokens: torch.Tensor, rate: torch.Tensor, *, maskable: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Mask each maskable position independently with probability ``rate`` of its row (the default masker of
-    :class:`BlockDiffusionObjective`: with the ELBO weight ``w(t)`` it is unbiased for any model)."""
-    return random_mask(tokens, rate, exact=False, maskable=maskable, generator=generator)
+    :class:`BlockDiffusionObjective`: with the ELBO weight ``w(t)`` it is unbiased for any model).
+
+    The draws are those of ``random_mask(tokens, rate, exact=False, ...)``; the rates are checked to lie in [0, 1]
+    only while :func:`dualobj.validation_enabled` (the check is a device sync).
+
+    Args:
+        tokens: ``[B, L]`` ids (their shape and device are used).
+        rate: ``[B]`` float masking probability of each row.
+        maskable: ``[B, L]`` bool, the positions that may be masked.
+        generator: the source of randomness.
+    """
+    B, L = check_tensor("tokens", tokens, ndim=2).shape
+    check_tensor("rate", rate, shape=(B,), floating=True)
+    check_tensor("maskable", maskable, shape=(B, L), dtypes=(torch.bool,))
+    if validation_enabled() and bool(((rate < 0) | (rate > 1) | rate.isnan()).any()):
+        raise fail("rate", "values in [0, 1]", f"min {rate.min().item():.4g}, max {rate.max().item():.4g}")
+    u = _random.rand((B, L), generator=generator, device=tokens.device)
+    return (u < rate.float()[:, None]) & maskable.to(tokens.device)
 
 
 class BlockDiffusionObjective(Objective):
@@ -66,7 +85,12 @@ class BlockDiffusionObjective(Objective):
       Both are unbiased; per-block draws average more independent levels per row.
     - Normalisation as in :class:`~dualobj.objectives.MDObjective`: ``normalize="valid"`` divides by the maskable
       positions, so the loss is the per-token NELBO (``"positions"`` counts all ``2L`` columns of a row, clean half
-      included). Metrics report block-diffusion rows under the ``md/`` keys.
+      included).
+    - Metrics: ``"bd/loss"`` (the per-token NELBO estimate, ``Σ w·CE / valid``, mixing factors divided out) and
+      ``"bd/tokens"`` (scored targets): the batch labels its rows as the one component ``"bd"``. The per-kind
+      keys of every loss stay too: block-diffusion rows are not causal, so ``"md/loss"`` equals ``"bd/loss"``,
+      and ``"md/mask_rate"`` is the fraction of maskable positions masked. Inside a :class:`Mixture` the
+      mixture's component names replace the label.
     - ``block_size = L`` is masked diffusion with in-place targets; ``block_size = 1`` with every token masked
       (``t = 1``) is exactly the autoregressive NLL (the model sees ``x_{<j}`` and a mask at ``j``).
 
@@ -156,6 +180,10 @@ class BlockDiffusionObjective(Objective):
         generator: torch.Generator | None = None,
     ) -> Batch:
         """Draw a noise level per block (or row) and a mask per block, and build the ``[x_t ; x_0]`` batch.
+
+        The value checks (ids, ``mask_token_id`` absent, rates in range) run only while
+        :func:`dualobj.validation_enabled`; with validation off, and the default sampler and masker, nothing here
+        reads a device tensor's values, so a CUDA step never waits for the host.
 
         Args:
             tokens: ``[B, L]`` clean integer ids of any integer dtype (must not contain ``mask_token_id``).
@@ -260,6 +288,8 @@ class BlockDiffusionObjective(Objective):
             scale=None,
             position_ids=torch.cat([pos, pos], dim=1),
             block_size=self.block_size,
+            component=torch.zeros(B, dtype=torch.int64),  # one component: metrics under "bd/" (CPU, no sync)
+            component_names=(METRICS_NAME,),
         )
 
     def __repr__(self) -> str:

@@ -193,10 +193,13 @@ class Mixture(Objective):
     - ``"rows"``: component ``i`` gets a share ``w_i`` of the rows, in one forward pass, in the order given. Row
       counts are rounded systematically (:func:`row_counts`), so their expectations are ``w_i·B`` exactly.
       Components must return rows of the input's shape ``[n, L]`` and one attention layout; others (for example an
-      objective that doubles a row) are refused: use ``"step"`` or ``"rank"`` for them.
+      objective that doubles a row, such as :class:`~dualobj.objectives.BlockDiffusionObjective` with its rows
+      ``[x_t ; x_0]``) are refused with a :class:`~dualobj.DualObjError` naming ``split``: use ``"step"`` or
+      ``"rank"`` for them (AR plus block diffusion, the Fast-dLLM v2 / SDAR recipe, is
+      ``Mixture({"ar": (ARObjective(), 0.5), "bd": (bd, 0.5)}, split="step")``).
     - ``"both"``: every component sees all rows (``k·B`` rows, ``k`` forward passes' worth). Weights are scaled so
       that the loss under this mixture's ``normalize`` is exactly :math:`\sum_i w_i L_i`, each :math:`L_i`
-      normalised by its own count.
+      normalised by its own count. Same row-shape rule as ``"rows"``.
     - ``"step"``: the whole step runs component ``i`` with probability ``w_i``.
     - ``"rank"``: each data-parallel rank runs one component, ``w_i·W`` ranks each, rotating every epoch
       (:func:`rank_component`); the weights must be multiples of ``1/W``. Needs ``steps_per_epoch``.

@@ -47,9 +47,10 @@ class NoiseSchedule(Protocol):
 
 
 def check_time(t: torch.Tensor, argument: str = "t") -> torch.Tensor:
-    """Check ``t`` is a float tensor with values in [0, 1] (the value check is skipped while tracing)."""
+    """Check ``t`` is a float tensor with values in [0, 1] (the value check, a device sync, runs only while
+    :func:`dualobj.validation_enabled`, so never while tracing)."""
     check_tensor(argument, t, floating=True)
-    if not torch.compiler.is_compiling() and t.numel() and bool(((t < 0) | (t > 1) | t.isnan()).any()):
+    if validation_enabled() and t.numel() and bool(((t < 0) | (t > 1) | t.isnan()).any()):
         raise fail(argument, "values in [0, 1]", f"min {t.min().item():.4g}, max {t.max().item():.4g}")
     return t
 
