@@ -25,6 +25,7 @@ from dualobj.objectives import (
     IGNORE_INDEX,
     ARObjective,
     BlockDiffusionObjective,
+    DualObjective,
     MDObjective,
     Mixture,
 )
@@ -280,9 +281,12 @@ def _cases():
                               rank=0, world_size=2),
         "scheduled step": Mixture({"ar": (ARObjective(), lambda s: 1.0 - 0.1 * (s % 2)),
                                    "bd": (bd(3), lambda s: 0.1 * (s % 2))}, split="step"),
-        # the stacking splits, with components that stack (their own prepare is tested elsewhere)
-        "rows": Mixture({"a": (ARObjective(), 0.3), "b": (ARObjective(), 0.7)}),
-        "both": Mixture({"a": (ARObjective(), 0.3), "b": (ARObjective(), 0.7)}, split="both"),
+        "md count": md(),
+        "md bernoulli": MDObjective(MASK, num_special=NUM_SPECIAL, estimator="bernoulli"),
+        "md complementary": MDObjective(MASK, num_special=NUM_SPECIAL, complementary=True),
+        "rows": Mixture({"a": (ARObjective(), 0.3), "m": (md(), 0.7)}),
+        "both": Mixture({"a": (ARObjective(), 0.3), "m": (md(), 0.7)}, split="both"),
+        "dual rows": DualObjective(0.5, md=md()),
     }
 
 
