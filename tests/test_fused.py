@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualobj import DualObjError
+from dualobj._errors import validation
 from dualobj.bench import loss as bench_loss
 from dualobj.bench._core import Context
 from dualobj.objectives import (
@@ -180,7 +181,10 @@ def test_unlabelled_rows_never_reach_the_output_layer():
     dirty = h.detach().clone()
     dirty[y == IGNORE_INDEX] = float("nan")  # would poison any product that touched these rows
     dirty.requires_grad_()
-    out = linear_cross_entropy(dirty, W, y, w, bias=b)
+    with pytest.raises(DualObjError, match=r"^hidden: expected finite values, got 60 NaN/inf of 120"):
+        linear_cross_entropy(dirty, W, y, w, bias=b)  # validation (on by default) refuses any NaN
+    with validation(False):
+        out = linear_cross_entropy(dirty, W, y, w, bias=b)
     torch.testing.assert_close(out, reference(h, W, b, y, w))
     (gh,) = torch.autograd.grad(out, dirty)
     assert (gh[y == IGNORE_INDEX] == 0).all()
