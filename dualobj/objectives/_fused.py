@@ -177,13 +177,48 @@ def _weight_grad_buffer(weight: torch.Tensor, dtype: torch.dtype, fresh: bool) -
     return make(weight.shape, dtype=dtype, device=weight.device)
 
 
-def _select(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
-    """Indices of the labelled rows (``None`` when every row is labelled) and their count."""
-    keep = labels != ignore_index
-    rows = keep.nonzero().squeeze(1)
-    if rows.numel() == labels.numel():
-        return None, labels.numel()
-    return rows, rows.numel()
+SELECT_ROWS_ON = {"cpu"}
+"""Device types on which the sweep first gathers the labelled rows. Finding them (``nonzero``) has a
+data-dependent size, which on an accelerator is a device-to-host sync; there the sweep instead runs over every row
+with weight 0 at ignored ones (no sync, at the cost of projecting the ignored rows too)."""
+
+
+class _Rows:
+    """Which rows the sweep visits: ``index`` (the labelled rows; ``None`` for all) and, when every row is visited
+    although some are ignored, ``keep`` (``[N]`` bool) to zero the ignored ones."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+        self.n = labels.shape[0]
+        keep = labels != ignore_index
+        self.index: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        if labels.device.type not in SELECT_ROWS_ON:
+            self.keep = keep
+            return
+        rows = keep.nonzero().squeeze(1)
+        if rows.numel() != self.n:
+            self.index = rows
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The visited rows' labels (0 at ignored rows, so that they index the vocabulary)."""
+        if self.keep is not None:
+            return torch.where(self.keep, labels, 0)
+        return _gathered(labels, self.index)
+
+    def weights(self, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The visited rows' weights in ``dtype`` (0 at ignored rows)."""
+        if self.keep is not None:
+            if weights is None:
+                return self.keep.to(dtype)
+            return torch.where(self.keep, weights.to(dtype), 0.0)
+        return None if weights is None else _gathered(weights, self.index).to(dtype)
+
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-visited-row values back at all ``n`` rows, 0 (or False) at ignored rows."""
+        if self.keep is not None:
+            mask = self.keep.view(-1, *([1] * (values.ndim - 1)))
+            return values & mask if values.dtype == torch.bool else torch.where(mask, values, 0)
+        return _spread(values, self.index, self.n)
 
 
 def _gathered(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -261,11 +296,11 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, ...]:
     N = hidden.shape[0]
     f32 = _acc_dtype(hidden.dtype)
-    rows, M = _select(labels, ignore_index)
-    h = _gathered(hidden, rows)
-    y = _gathered(labels, rows)
-    w = _gathered(weights, rows)
-    w = None if w is None else w.to(f32)
+    rows = _Rows(labels, ignore_index)
+    h = _gathered(hidden, rows.index)
+    y = rows.labels(labels)
+    w = rows.weights(weights, f32)
+    M = h.shape[0]
     need_h, need_w, need_b, need_weights = need
     build = not per_row
     grad_h = torch.empty_like(h) if build and need_h else None
@@ -278,16 +313,16 @@ def _fused_forward(
     per = ce + z_loss * lse.square() if z_loss else ce
     weighted = per if w is None else per * w
     empty = hidden.new_empty(0)
-    out = _spread(weighted, rows, N) if per_row else weighted.sum()
+    out = rows.spread(weighted) if per_row else weighted.sum()
     return tuple(_fresh(
         out,
-        _spread(ce, rows, N),
-        _spread(lse, rows, N),
-        _spread(correct, rows, N) if correct is not None else torch.zeros(N, dtype=torch.bool, device=hidden.device),
-        empty if grad_h is None else _spread(grad_h, rows, N),
+        rows.spread(ce),
+        rows.spread(lse),
+        rows.spread(correct) if correct is not None else torch.zeros(N, dtype=torch.bool, device=hidden.device),
+        empty if grad_h is None else rows.spread(grad_h),
         empty if grad_w is None else grad_w.to(weight.dtype),
         empty if grad_b is None else grad_b.to(bias.dtype),
-        _spread(per, rows, N) if need_weights else empty.to(f32),
+        rows.spread(per) if need_weights else empty.to(f32),
     ))
 
 
@@ -366,20 +401,19 @@ def _fused_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sweep again, with the upstream per-row gradient folded into ``row_weights``: ``(gh, gw, gb)``."""
     with torch.autocast(hidden.device.type, enabled=False):
-        N = hidden.shape[0]
         acc = _acc_dtype(hidden.dtype)
-        rows, _ = _select(labels, ignore_index)
-        h = _gathered(hidden, rows)
+        rows = _Rows(labels, ignore_index)
+        h = _gathered(hidden, rows.index)
         need_h, need_w, need_b = need
         grad_h = torch.empty_like(h) if need_h else None
         fresh_w = h.shape[0] > 0 and hidden.dtype == acc
         grad_w = _weight_grad_buffer(weight, acc, fresh_w) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
-        _sweep(h, weight, bias, _gathered(labels, rows), _gathered(row_weights.to(acc), rows), z_loss, chunk,
+        _sweep(h, weight, bias, rows.labels(labels), rows.weights(row_weights, acc), z_loss, chunk,
                grad_h=grad_h, grad_w=grad_w, grad_b=grad_b, fresh_w=fresh_w)
         empty = hidden.new_empty(0)
         return tuple(_fresh(
-            empty if grad_h is None else _spread(grad_h, rows, N),
+            empty if grad_h is None else rows.spread(grad_h),
             empty if grad_w is None else grad_w.to(weight.dtype),
             empty if grad_b is None else grad_b.to(bias.dtype),
         ))
