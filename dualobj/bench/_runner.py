@@ -84,7 +84,11 @@ class ImplResult:
 
 @dataclass
 class Ratio:
-    """``ours / baseline`` for time and memory, with the targets (``None`` where not set or not measured)."""
+    """``ours / baseline`` for time and memory, with the targets (``None`` where not set or not measured).
+
+    ``judged`` is False where the targets are stated for other sizes (``--quick``): ``met`` and ``memory_met``
+    are then ``None``.
+    """
 
     baseline: str
     time: float | None
@@ -93,6 +97,7 @@ class Ratio:
     met: bool | None = None
     memory_target: float | None = None
     memory_met: bool | None = None
+    judged: bool = True
 
 
 @dataclass
@@ -302,7 +307,7 @@ def _check_contract(case: Case) -> str | None:
     return None
 
 
-def _ratios(case: Case, results: list[ImplResult]) -> list[Ratio]:
+def _ratios(case: Case, results: list[ImplResult], judged: bool = True) -> list[Ratio]:
     ours = next((r for r in results if r.ours), None)
     if ours is None or ours.status != OK:
         return []
@@ -318,8 +323,10 @@ def _ratios(case: Case, results: list[ImplResult]) -> list[Ratio]:
         mtarget = case.memory_targets.get(res.name)
         out.append(Ratio(
             baseline=res.name, time=t, memory=m,
-            target=target, met=None if target is None or t is None else t <= target,
-            memory_target=mtarget, memory_met=None if mtarget is None or m is None else m <= mtarget,
+            target=target, met=None if target is None or t is None or not judged else t <= target,
+            memory_target=mtarget,
+            memory_met=None if mtarget is None or m is None or not judged else m <= mtarget,
+            judged=judged,
         ))
     return out
 
@@ -406,7 +413,8 @@ def run_case(
             verdict = f"check raised {_one_line(exc)}"
         if verdict:
             result.status, result.message = DISAGREE, str(verdict)
-    result.ratios = _ratios(case, result.impls)
+    judged = case.targets_judged if case.targets_judged is not None else not ctx.quick
+    result.ratios = _ratios(case, result.impls, judged)
     return result
 
 
