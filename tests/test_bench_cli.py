@@ -170,6 +170,18 @@ def test_targets_are_not_judged_at_quick_sizes_by_default(suite_module, tmp_path
     assert ratio["judged"] is True and ratio["met"] is False
 
 
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "under a file"])
+def test_unwritable_json_path_is_refused_before_the_run(suite_module, tmp_path, where):
+    module = suite_module(AGREEING)
+    (tmp_path / "file").write_text("x")
+    path = {"missing folder": tmp_path / "nope" / "out.json", "a folder": tmp_path,
+            "under a file": tmp_path / "file" / "out.json"}[where]
+    result = bench(module, "--json", str(path))
+    assert result.exit_code == 2  # usage error, before any suite ran
+    assert "--json" in result.output and "writable folder" in result.output
+    assert "sum [4096]" not in result.stderr  # nothing was measured
+
+
 def test_missing_suite_fails_unless_allowed():
     result = bench("no_such_package_xyz.suite")
     assert result.exit_code == EXIT_ERROR

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -90,6 +91,11 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("expected a machine with CUDA, got torch.cuda.is_available() == False",
                                      param_hint="--device")
         to_stdout = json_path is not None and str(json_path) == "-"
+        if json_path is not None and not to_stdout:  # refuse a path that cannot be written before the whole run
+            parent = json_path.parent
+            if json_path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise typer.BadParameter(f"expected a file in an existing, writable folder, got {str(json_path)!r}",
+                                         param_hint="--json")
         if threads is not None:
             torch.set_num_threads(threads)
         out, err = _console(stderr=to_stdout), _console(stderr=True)
@@ -120,7 +126,11 @@ def register(app: typer.Typer) -> None:
             if to_stdout:
                 sys.stdout.write(text + "\n")
             else:
-                json_path.write_text(text + "\n")
+                try:
+                    json_path.write_text(text + "\n")
+                except OSError as exc:
+                    err.print(f"[bold red]dualobj bench: cannot write --json {json_path}: {exc.strerror}[/]")
+                    raise typer.Exit(EXIT_ERROR) from None
                 err.print(f"results written to {json_path}")
         if code:
             why = "an implementation disagreed" if code == EXIT_DISAGREE else "a suite or an implementation failed"

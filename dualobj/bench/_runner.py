@@ -257,6 +257,11 @@ def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
     return int(peak)
 
 
+class MemoryWorkerError(RuntimeError):
+    """The memory subprocess failed: the implementation or the suite raised there, or it timed out. Not a bad
+    argument (so not a ``DualObjError``): the runner reports it as that implementation's error."""
+
+
 def subprocess_peak_bytes(
     module: str, case_index: int, impl: str, ctx: Context, *, timeout: float = 600.0
 ) -> tuple[int | None, str | None]:
@@ -267,7 +272,7 @@ def subprocess_peak_bytes(
         cannot report peak RSS.
 
     Raises:
-        RuntimeError: the subprocess failed (the implementation or the suite raised there, or it timed out).
+        MemoryWorkerError: the subprocess failed (the implementation or the suite raised there, or it timed out).
     """
     env = dict(os.environ)
     # The child sees the same modules as this process (a suite may live outside the package).
@@ -283,14 +288,14 @@ def subprocess_peak_bytes(
             capture_output=True, text=True, env=env, timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"memory subprocess timed out after {timeout:.0f} s") from None
+        raise MemoryWorkerError(f"memory subprocess timed out after {timeout:.0f} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory subprocess failed (exit {proc.returncode}): {tail}")
+        raise MemoryWorkerError(f"memory subprocess failed (exit {proc.returncode}): {tail}")
     answer = json.loads(lines[-1])
     if answer.get("error"):
-        raise RuntimeError(f"in the memory subprocess: {answer['error']}")
+        raise MemoryWorkerError(f"in the memory subprocess: {answer['error']}")
     return answer.get("peak_bytes"), answer.get("note")
 
 
