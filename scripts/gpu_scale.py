@@ -136,7 +136,7 @@ def compile_check(device: str, dtype: str, quick: bool, warmup: int, repeats: in
         compiled = torch.compile(loss, fullgraph=True)(hidden, batch)
         eager = loss(hidden, batch)
         params = (hidden, head.weight, head.bias)
-        errors = [float((compiled - eager).abs() / eager.abs())]
+        errors = [float((compiled - eager).detach().abs() / eager.detach().abs())]
         for a, b in zip(torch.autograd.grad(compiled, params), torch.autograd.grad(eager, params)):
             errors.append(float((a - b).abs().max() / b.abs().max()))
         ok = max(errors) < 1e-4

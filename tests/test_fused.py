@@ -161,6 +161,18 @@ def test_chunk_size_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0])
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_custom_ops_pass_torch_opcheck(per_row):
+    """Schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch."""
+    h, W, b, y, w = make(7, 4, 9, ignored=0.3, seed=2)
+    op = torch.ops.dualobj.fused_linear_ce.default
+    torch.library.opcheck(op, (h, W, b, w, y, 0.01, IGNORE_INDEX, 3, True, per_row, [True, True, True, True]))
+    torch.library.opcheck(op, (h, W, None, None, y, 0.0, IGNORE_INDEX, 4, False, per_row, [True, False, False, False]))
+    backward = torch.ops.dualobj.fused_linear_ce_backward.default
+    torch.library.opcheck(backward, (h.detach(), W.detach(), None, w.detach(), y, 0.0, IGNORE_INDEX, 2,
+                                     [True, True, False]))
+
+
 def test_gradcheck_float64(rows_mode):
     h, W, b, y, w = make(7, 3, 5, dtype=torch.float64, ignored=0.3, seed=3)
     for reduction in ("sum", "none"):

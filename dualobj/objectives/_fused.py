@@ -254,7 +254,13 @@ def _fresh(*tensors: torch.Tensor) -> list[torch.Tensor]:
 # Gradients that are not built come back as empty tensors (an op returns tensors, not None).
 
 
-@torch.library.custom_op("dualobj::fused_linear_ce", mutates_args=())
+@torch.library.custom_op(
+    "dualobj::fused_linear_ce",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? weights, Tensor labels, float z_loss, "
+    "int ignore_index, int chunk, bool want_correct, bool per_row, bool[] need) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def _fused_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -332,16 +338,19 @@ def _fused_fake(hidden, weight, bias, weights, labels, z_loss, ignore_index, chu
     f32 = _acc_dtype(hidden.dtype)
     need_h, need_w, need_b, need_weights = need
     build = not per_row
-    empty = hidden.new_empty(0)
+
+    def empty(dtype: torch.dtype = hidden.dtype) -> torch.Tensor:  # a new one each time: outputs never alias
+        return hidden.new_empty(0, dtype=dtype)
+
     return (
         hidden.new_empty((N,) if per_row else (), dtype=f32),
         hidden.new_empty(N, dtype=f32),
         hidden.new_empty(N, dtype=f32),
         hidden.new_empty(N, dtype=torch.bool),
-        hidden.new_empty(N, H) if build and need_h else empty,
-        weight.new_empty(weight.shape) if build and need_w else empty,
-        bias.new_empty(bias.shape) if build and need_b and bias is not None else empty,
-        hidden.new_empty(N, dtype=f32) if need_weights else empty.to(f32),
+        hidden.new_empty(N, H) if build and need_h else empty(),
+        weight.new_empty(weight.shape) if build and need_w else empty(),
+        bias.new_empty(bias.shape) if build and need_b and bias is not None else empty(),
+        hidden.new_empty(N, dtype=f32) if need_weights else empty(f32),
     )
 
 
@@ -387,7 +396,12 @@ def _fused_backward(ctx, grad_out, *_):
     )
 
 
-@torch.library.custom_op("dualobj::fused_linear_ce_backward", mutates_args=())
+@torch.library.custom_op(
+    "dualobj::fused_linear_ce_backward",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_weights, Tensor labels, float z_loss, "
+    "int ignore_index, int chunk, bool[] need) -> (Tensor, Tensor, Tensor)",
+)
 def _fused_backward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -422,11 +436,10 @@ def _fused_backward_op(
 @_fused_backward_op.register_fake
 def _fused_backward_fake(hidden, weight, bias, row_weights, labels, z_loss, ignore_index, chunk, need):
     need_h, need_w, need_b = need
-    empty = hidden.new_empty(0)
     return (
-        hidden.new_empty(hidden.shape) if need_h else empty,
-        weight.new_empty(weight.shape) if need_w else empty,
-        bias.new_empty(bias.shape) if need_b and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if need_b and bias is not None else hidden.new_empty(0),
     )
 
 
