@@ -42,7 +42,7 @@ def normalizer(batch: Batch, normalize: str) -> torch.Tensor:
     if normalize == "valid":
         return batch.valid_mask().sum(dtype=torch.float32)
     if normalize == "positions":
-        return torch.tensor(float(batch.labels.numel()), device=device)
+        return torch.full((), float(batch.labels.numel()), device=device)  # a fill, not a host copy
     if normalize == "targets":
         return (batch.labels != IGNORE_INDEX).sum(dtype=torch.float32)
     return torch.ones((), device=device)
