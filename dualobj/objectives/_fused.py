@@ -7,6 +7,11 @@ gradients of the hidden states, the output weight and the bias. With ``reduction
 inside the forward (the per-token weights are known then, so nothing is recomputed); the backward only rescales the
 stored gradients by the incoming scalar. ``reduction="none"`` cannot do that (each row's upstream gradient is only
 known in the backward), so it runs the sweep again there.
+
+The sweep is registered as the custom operators ``dualobj::fused_linear_ce`` and ``dualobj::fused_linear_ce_backward``
+(with fake implementations and an autograd formula), so ``torch.compile`` keeps it as one node of a full graph.
+On the CPU the labelled rows are gathered first; on an accelerator every row is visited with weight 0 at ignored
+ones, since gathering them has a data-dependent size (a device-to-host sync).
 """
 
 from __future__ import annotations
