@@ -1,6 +1,7 @@
 """GPU checks of what runs beyond one eager process: no host syncs, torch.compile, FSDP2 with the fused loss.
 
-Run from the repository root on a machine with one CUDA GPU (torch and dualobj only)::
+Run from the repository root on a machine with one CUDA GPU (torch and dualobj only; ``PYTHONPATH=.`` makes
+the checkout's dualobj the one imported when another is installed)::
 
     python scripts/gpu_scale.py                       # all three parts
     python scripts/gpu_scale.py --only sync fsdp2     # some of them
