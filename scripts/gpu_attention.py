@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualobj.attention import AttentionSpec, attention, available_backends
-from dualobj.bench.attention import _layout as bench_layout
+from dualobj.bench.attention import layout as bench_layout
 
 
 def layout(kind: str, B: int, T: int, device: str) -> dict:

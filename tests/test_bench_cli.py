@@ -83,7 +83,7 @@ def cases(ctx):
         "sum [4096]",  # brackets are printed as they are, not read as rich markup
         [Impl("ours", ours, ours=True), Impl("loop", loop), Impl("hf", never, available="transformers missing")],
         sizes={"n": 4096}, units=4096, unit="el", check=allclose(rtol=1e-12, atol=0.0),
-        targets={"loop": 1e9},
+        targets={"loop": 1e9}, targets_judged=True,
     )]
 """
 
@@ -143,11 +143,43 @@ def test_forced_disagreement_exits_non_zero(suite_module, tmp_path):
 def test_missed_target_is_reported_not_failed(suite_module):
     module = suite_module("""
     def cases(ctx):
-        return [Case("sum", [Impl("ours", ours, ours=True), Impl("loop", loop)], targets={"loop": 1e-9})]
+        return [Case("sum", [Impl("ours", ours, ours=True), Impl("loop", loop)], targets={"loop": 1e-9},
+                     targets_judged=True)]
     """)
     result = bench(module)
     assert result.exit_code == 0, result.output
     assert "missed" in result.stdout
+
+
+def test_targets_are_not_judged_at_quick_sizes_by_default(suite_module, tmp_path):
+    module = suite_module("""
+    def cases(ctx):
+        return [Case("sum", [Impl("ours", ours, ours=True), Impl("loop", loop)], targets={"loop": 1e-9},
+                     memory_targets={"loop": 1e-9})]
+    """)
+    path = tmp_path / "out.json"
+    result = bench(module, "--json", str(path))
+    assert result.exit_code == 0, result.output
+    assert "n/a at quick sizes" in result.stdout and "missed" not in result.stdout and "met" not in result.stdout
+    [ratio] = json.loads(path.read_text())["suites"][0]["cases"][0]["ratios"]
+    assert ratio["judged"] is False and ratio["met"] is None and ratio["target"] == 1e-9
+    full = runner.invoke(app, ["bench", module, "--json", str(path)])  # full sizes: judged
+    assert full.exit_code == 0, full.output
+    assert "missed" in full.stdout
+    [ratio] = json.loads(path.read_text())["suites"][0]["cases"][0]["ratios"]
+    assert ratio["judged"] is True and ratio["met"] is False
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "under a file"])
+def test_unwritable_json_path_is_refused_before_the_run(suite_module, tmp_path, where):
+    module = suite_module(AGREEING)
+    (tmp_path / "file").write_text("x")
+    path = {"missing folder": tmp_path / "nope" / "out.json", "a folder": tmp_path,
+            "under a file": tmp_path / "file" / "out.json"}[where]
+    result = bench(module, "--json", str(path))
+    assert result.exit_code == 2  # usage error, before any suite ran
+    assert "--json: expected a file" in result.output and "folder" in result.output
+    assert "sum [4096]" not in result.stderr  # nothing was measured
 
 
 def test_missing_suite_fails_unless_allowed():
@@ -213,7 +245,7 @@ def test_cpu_memory_is_the_peak_rss_growth_of_a_fresh_process(suite_module, tmp_
         return make
     def cases(ctx):
         return [Case("alloc", [Impl("big", alloc(64), ours=True), Impl("small", alloc(16))], memory=True,
-                     memory_targets={"small": 1.0})]
+                     memory_targets={"small": 1.0}, targets_judged=True)]
     """)
     path = tmp_path / "out.json"
     result = bench(module, "--json", str(path))
@@ -304,8 +336,12 @@ def test_step_suite_contract_and_one_training_step():
     from dualobj.bench import step
 
     cases = step.cases(Context(quick=True))
-    assert [c.targets for c in cases] == [{"ar": 1.05}, {"ar": 1.0}, {"ar": 2.2}]
-    assert [[i.name for i in c.impls if i.ours] for c in cases] == [["dual"], ["md"], ["bd"]]
+    assert [c.targets for c in cases] == [{"ar": 1.05}, {"ar": 1.0}, {"ar": 2.2}, {"validation off": 1.03}]
+    assert [[i.name for i in c.impls if i.ours] for c in cases] == [["dual"], ["md"], ["bd"], ["validation on"]]
+    compiled = step.cases(Context(quick=True, compile=True))[4:]
+    assert [c.name.split(" ")[0] for c in compiled] == ["ar", "md", "dual"]
+    assert [c.targets for c in compiled] == [{}, {}, {"eager": 0.9}]
+    assert all([i.name for i in c.impls] == ["compiled", "eager"] for c in compiled)
     sizes = {"batch": 4, "length": 16, "dim": 32, "layers": 1, "heads": 2, "vocab": 64}
     losses = {}
     for kind in ("ar", "md", "dual", "bd"):
@@ -313,6 +349,11 @@ def test_step_suite_contract_and_one_training_step():
         losses[kind] = fn()
         assert torch.isfinite(fn())  # the model keeps training
     assert abs(float(losses["ar"]) - math.log(64)) < 0.5
+    # validation on and off draw the same batches: the same first-step loss
+    on = step.make_step("dual", sizes, Context(), validate=True)()
+    off = step.make_step("dual", sizes, Context(), validate=False)()
+    assert step._same_loss(1e-6)({"on": on, "off": off}) is None and torch.equal(on, off)
+    assert "differ" in step._same_loss(1e-6)({"on": on, "off": off + 1e-3})
     check = step._check(64)
     assert check(losses) is None
     assert "ln V" in check({**losses, "ar": torch.tensor(0.1)})

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualobj import DualObjError
+from dualobj._errors import validation
 from dualobj.bench import loss as bench_loss
 from dualobj.bench._core import Context
 from dualobj.objectives import (
@@ -25,6 +26,7 @@ from dualobj.objectives import (
     cross_entropy,
     linear_cross_entropy,
 )
+from dualobj.objectives import _fused as fused_module
 from dualobj.objectives._fused import default_chunk_size, score_hidden
 
 MASK = 3
@@ -80,13 +82,22 @@ def assert_rel(got, want, tol, what=""):
     assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
 
 
+@pytest.fixture(params=["selected", "all rows"])
+def rows_mode(request, monkeypatch):
+    """Both sweeps: the labelled rows gathered first (the CPU default) and every row visited with weight 0 at
+    ignored rows (what an accelerator does, to avoid the data-dependent ``nonzero`` and its host sync)."""
+    if request.param == "all rows":
+        monkeypatch.setattr(fused_module, "SELECT_ROWS_ON", set())
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------- equality, fp32
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_equals_naive_fp32_odd_shapes(reduction, z_loss, bias):
+def test_equals_naive_fp32_odd_shapes(reduction, z_loss, bias, rows_mode):
     h, W, b, y, w = make(37, 13, 29, bias=bias)
     out = linear_cross_entropy(h, W, y, w, bias=b, z_loss=z_loss, chunk_size=5, reduction=reduction)
     ref = reference(h, W, b, y, w, z_loss, reduction)
@@ -150,7 +161,19 @@ def test_chunk_size_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0])
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_custom_ops_pass_torch_opcheck(per_row):
+    """Schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch."""
+    h, W, b, y, w = make(7, 4, 9, ignored=0.3, seed=2)
+    op = torch.ops.dualobj.fused_linear_ce.default
+    torch.library.opcheck(op, (h, W, b, w, y, 0.01, IGNORE_INDEX, 3, True, per_row, [True, True, True, True]))
+    torch.library.opcheck(op, (h, W, None, None, y, 0.0, IGNORE_INDEX, 4, False, per_row, [True, False, False, False]))
+    backward = torch.ops.dualobj.fused_linear_ce_backward.default
+    torch.library.opcheck(backward, (h.detach(), W.detach(), None, w.detach(), y, 0.0, IGNORE_INDEX, 2,
+                                     [True, True, False]))
+
+
+def test_gradcheck_float64(rows_mode):
     h, W, b, y, w = make(7, 3, 5, dtype=torch.float64, ignored=0.3, seed=3)
     for reduction in ("sum", "none"):
         def fn(h, W, b, w, reduction=reduction):
@@ -164,7 +187,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_all_ignored_gives_zero_loss_and_zero_grads(reduction, weighted):
+def test_all_ignored_gives_zero_loss_and_zero_grads(reduction, weighted, rows_mode):
     h, W, b, y, w = make(6, 4, 9, ignored=1.0)
     assert (y == IGNORE_INDEX).all()
     w = w if weighted else None
@@ -180,20 +203,23 @@ def test_unlabelled_rows_never_reach_the_output_layer():
     dirty = h.detach().clone()
     dirty[y == IGNORE_INDEX] = float("nan")  # would poison any product that touched these rows
     dirty.requires_grad_()
-    out = linear_cross_entropy(dirty, W, y, w, bias=b)
+    with pytest.raises(DualObjError, match=r"^hidden: expected finite values, got 60 NaN/inf of 120"):
+        linear_cross_entropy(dirty, W, y, w, bias=b)  # validation (on by default) refuses any NaN
+    with validation(False):
+        out = linear_cross_entropy(dirty, W, y, w, bias=b)
     torch.testing.assert_close(out, reference(h, W, b, y, w))
     (gh,) = torch.autograd.grad(out, dirty)
     assert (gh[y == IGNORE_INDEX] == 0).all()
 
 
-def test_custom_ignore_index():
+def test_custom_ignore_index(rows_mode):
     h, W, b, y, w = make(12, 5, 7, ignored=0.4)
     y2 = torch.where(y == IGNORE_INDEX, torch.full_like(y, -1), y)
     out = linear_cross_entropy(h, W, y2, w, bias=b, ignore_index=-1)
     torch.testing.assert_close(out, reference(h, W, b, y, w))
 
 
-def test_accuracy_without_logits():
+def test_accuracy_without_logits(rows_mode):
     h, W, b, y, w = make(50, 6, 5, ignored=0.2)
     loss, acc = linear_cross_entropy(h, W, y, w, bias=b, chunk_size=8, return_accuracy=True)
     keep = y != IGNORE_INDEX
@@ -261,6 +287,16 @@ def test_default_chunk_size():
         ({"chunk_size": 0}, "chunk_size"),
         ({"chunk_size": 2.5}, "chunk_size"),
         ({"reduction": "avg"}, "reduction"),
+        ({"hidden": torch.tensor([[0.0, 1, 2], [0, float("nan"), 0], [1, 1, 1], [2, 2, 2]])}, "hidden"),
+        ({"weight": torch.full((5, 3), float("inf"))}, "weight"),
+        ({"bias": torch.tensor([0.0, 0, float("-inf"), 0, 0])}, "bias"),
+        ({"weights": torch.tensor([1.0, float("nan"), 1, 1])}, "weights"),
+        ({"ignore_index": 1.5}, "ignore_index"),
+        ({"ignore_index": True}, "ignore_index"),
+        ({"z_loss": True}, "z_loss"),
+        ({"z_loss": float("inf")}, "z_loss"),
+        ({"chunk_size": True}, "chunk_size"),
+        ({"return_accuracy": 1}, "return_accuracy"),
     ],
 )
 def test_bad_input_names_argument_expected_and_received(kwargs, argument):
@@ -269,6 +305,43 @@ def test_bad_input_names_argument_expected_and_received(kwargs, argument):
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     with pytest.raises(DualObjError, match=rf"^{argument}: expected .+, got .+"):
         linear_cross_entropy(hidden, weight, labels, **args)
+
+
+def test_non_finite_values_pass_with_validation_off():
+    h, W, _, y, w = make(6, 3, 5)
+    bad = W.detach().clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(DualObjError, match=r"^weight: expected finite values, got 1 NaN/inf of 15"):
+        linear_cross_entropy(h, bad, y, w)
+    with validation(False):  # the value checks are off: the NaN reaches the result, as it would on a GPU run
+        assert linear_cross_entropy(h, bad, y, w).isnan()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"z_loss": float("nan")}, r"^z_loss: expected a finite number >= 0, got nan"),
+        ({"z_loss": -0.5}, r"^z_loss: expected a number >= 0, got -0.5"),
+        ({"z_loss": "0.1"}, r"^z_loss: expected a number >= 0, got '0.1'"),
+        ({"logits": float("inf")}, r"^logits: expected finite values, got 1 NaN/inf of 160"),
+        ({"weights": float("nan")}, r"^batch.weights: expected finite values, got 1 NaN/inf of 20"),
+        ({"labels": 8}, r"^labels: expected values in \[0, 8\) or -100, got 8"),
+    ],
+)
+def test_cross_entropy_refuses_bad_values(change, match):
+    logits = torch.randn(4, 5, 8, generator=gen(1))
+    batch = ARObjective().prepare(torch.randint(0, 8, (4, 5), generator=gen(0)))
+    if "logits" in change:
+        logits[1, 2, 3] = change["logits"]
+    if "weights" in change:
+        batch.weights[0, 0] = change["weights"]
+    if "labels" in change:
+        batch.labels[2, 1] = change["labels"]
+    with pytest.raises(DualObjError, match=match):
+        cross_entropy(logits, batch, z_loss=change.get("z_loss", 0.0))
+    if "logits" in change or "weights" in change:  # value checks only: with validation off the NaN goes through
+        with validation(False):
+            assert not cross_entropy(logits, batch).loss.isfinite()
 
 
 # ------------------------------------------------------------------------------------------- objectives
@@ -283,7 +356,7 @@ def batches():
 
 
 @pytest.mark.parametrize("name,objective,x", list(batches()), ids=["ar", "md", "dual"])
-def test_objective_loss_with_head_equals_cross_entropy_on_logits(name, objective, x):
+def test_objective_loss_with_head_equals_cross_entropy_on_logits(name, objective, x, rows_mode):
     batch = objective.prepare(x, generator=gen(1))
     hidden = torch.randn(*x.shape, 16, generator=gen(2), requires_grad=True)
     head = torch.nn.Linear(16, 40)

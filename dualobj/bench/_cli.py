@@ -68,6 +68,9 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int | None, typer.Option(
             min=1, help="CPU threads for torch (default: torch's own choice); recorded in the JSON.",
         )] = None,
+        compile_: Annotated[bool, typer.Option(
+            "--compile", help="Also time torch.compile-d training steps against eager ones (the step suite).",
+        )] = False,
         case: Annotated[list[str] | None, typer.Option(
             "--case", "-k", help="Only cases whose name contains this text (repeatable).",
         )] = None,
@@ -93,12 +96,13 @@ def register(app: typer.Typer) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         out, err = _console(stderr=to_stdout), _console(stderr=True)
-        ctx = Context(device=device.value, dtype=dtype.value, quick=quick)
+        ctx = Context(device=device.value, dtype=dtype.value, quick=quick, compile=compile_)
         options = RunOptions.for_context(ctx, memory=memory)
         names = list(SUITES) if suite == "all" else [suite]
         results = []
         for name in names:
-            err.print(f"[bold]bench {name}[/] ({ctx.device}, {ctx.dtype}{', quick' if quick else ''})")
+            flags = (", quick" if quick else "") + (", compile" if compile_ else "")
+            err.print(f"[bold]bench {name}[/] ({ctx.device}, {ctx.dtype}{flags})")
 
             def progress(message: str) -> None:
                 err.print(f"  {message}", markup=False, highlight=False)
@@ -109,7 +113,8 @@ def register(app: typer.Typer) -> None:
         render(out, results)
         code = exit_code(results, allow_missing=allow_missing)
         if json_path is not None:
-            opts = {"suite": suite, "device": ctx.device, "dtype": ctx.dtype, "quick": quick, "memory": memory,
+            opts = {"suite": suite, "device": ctx.device, "dtype": ctx.dtype, "quick": quick, "compile": compile_,
+                    "memory": memory,
                     "allow_missing": allow_missing, "case": list(case or []),
                     "threads": torch.get_num_threads(),
                     "timing": {k: getattr(options, k) for k in ("min_run_time", "min_repeats", "max_repeats",
@@ -118,7 +123,11 @@ def register(app: typer.Typer) -> None:
             if to_stdout:
                 sys.stdout.write(text + "\n")
             else:
-                json_path.write_text(text + "\n")
+                try:
+                    json_path.write_text(text + "\n")
+                except OSError as exc:
+                    err.print(f"[bold red]dualobj bench: cannot write --json {json_path}: {exc.strerror}[/]")
+                    raise typer.Exit(EXIT_ERROR) from None
                 err.print(f"results written to {json_path}")
         if code:
             why = "an implementation disagreed" if code == EXIT_DISAGREE else "a suite or an implementation failed"

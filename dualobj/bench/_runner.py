@@ -84,7 +84,11 @@ class ImplResult:
 
 @dataclass
 class Ratio:
-    """``ours / baseline`` for time and memory, with the targets (``None`` where not set or not measured)."""
+    """``ours / baseline`` for time and memory, with the targets (``None`` where not set or not measured).
+
+    ``judged`` is False where the targets are stated for other sizes (``--quick``): ``met`` and ``memory_met``
+    are then ``None``.
+    """
 
     baseline: str
     time: float | None
@@ -93,6 +97,7 @@ class Ratio:
     met: bool | None = None
     memory_target: float | None = None
     memory_met: bool | None = None
+    judged: bool = True
 
 
 @dataclass
@@ -252,6 +257,11 @@ def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
     return int(peak)
 
 
+class MemoryWorkerError(RuntimeError):
+    """The memory subprocess failed: the implementation or the suite raised there, or it timed out. Not a bad
+    argument (so not a ``DualObjError``): the runner reports it as that implementation's error."""
+
+
 def subprocess_peak_bytes(
     module: str, case_index: int, impl: str, ctx: Context, *, timeout: float = 600.0
 ) -> tuple[int | None, str | None]:
@@ -262,7 +272,7 @@ def subprocess_peak_bytes(
         cannot report peak RSS.
 
     Raises:
-        RuntimeError: the subprocess failed (the implementation or the suite raised there, or it timed out).
+        MemoryWorkerError: the subprocess failed (the implementation or the suite raised there, or it timed out).
     """
     env = dict(os.environ)
     # The child sees the same modules as this process (a suite may live outside the package).
@@ -278,14 +288,14 @@ def subprocess_peak_bytes(
             capture_output=True, text=True, env=env, timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"memory subprocess timed out after {timeout:.0f} s") from None
+        raise MemoryWorkerError(f"memory subprocess timed out after {timeout:.0f} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory subprocess failed (exit {proc.returncode}): {tail}")
+        raise MemoryWorkerError(f"memory subprocess failed (exit {proc.returncode}): {tail}")
     answer = json.loads(lines[-1])
     if answer.get("error"):
-        raise RuntimeError(f"in the memory subprocess: {answer['error']}")
+        raise MemoryWorkerError(f"in the memory subprocess: {answer['error']}")
     return answer.get("peak_bytes"), answer.get("note")
 
 
@@ -302,7 +312,7 @@ def _check_contract(case: Case) -> str | None:
     return None
 
 
-def _ratios(case: Case, results: list[ImplResult]) -> list[Ratio]:
+def _ratios(case: Case, results: list[ImplResult], judged: bool = True) -> list[Ratio]:
     ours = next((r for r in results if r.ours), None)
     if ours is None or ours.status != OK:
         return []
@@ -318,8 +328,10 @@ def _ratios(case: Case, results: list[ImplResult]) -> list[Ratio]:
         mtarget = case.memory_targets.get(res.name)
         out.append(Ratio(
             baseline=res.name, time=t, memory=m,
-            target=target, met=None if target is None or t is None else t <= target,
-            memory_target=mtarget, memory_met=None if mtarget is None or m is None else m <= mtarget,
+            target=target, met=None if target is None or t is None or not judged else t <= target,
+            memory_target=mtarget,
+            memory_met=None if mtarget is None or m is None or not judged else m <= mtarget,
+            judged=judged,
         ))
     return out
 
@@ -406,7 +418,8 @@ def run_case(
             verdict = f"check raised {_one_line(exc)}"
         if verdict:
             result.status, result.message = DISAGREE, str(verdict)
-    result.ratios = _ratios(case, result.impls)
+    judged = case.targets_judged if case.targets_judged is not None else not ctx.quick
+    result.ratios = _ratios(case, result.impls, judged)
     return result
 
 

@@ -35,8 +35,17 @@ QUICK = {"batch": 4, "heads": 4, "length": 256, "head_dim": 64}
 Layout = dict[str, Any]
 
 
-def _layout(kind: str, B: int, T: int, device: str) -> Layout:
-    """``attention`` keyword arguments for one layout (``causal`` stays on the CPU, as ``Batch`` keeps it)."""
+LAYOUTS = ("causal", "bidirectional", "mixed", "documents")
+"""The attention layouts this suite times (see :func:`layout`)."""
+
+
+def layout(kind: str, B: int, T: int, device: str) -> Layout:
+    """``attention`` keyword arguments for one of :data:`LAYOUTS` with ``B`` rows of ``T`` positions.
+
+    ``"causal"`` and ``"bidirectional"`` are one flag for every row; ``"mixed"`` makes the first half of the rows
+    causal and the rest bidirectional; ``"documents"`` adds four equal documents per row to the mixed layout.
+    ``causal`` stays on the CPU, as ``Batch`` keeps it; ``doc_ids`` go to ``device``.
+    """
     half = torch.arange(B) < B // 2
     if kind == "causal":
         return {"causal": True}
@@ -191,7 +200,7 @@ def cases(ctx: Context) -> list[Case]:
     label = f"B{B} H{H} T{T} D{D}"
     tol = 2e-4 if ctx.dtype == "float32" else 3e-2
     check = allclose(rtol=tol, atol=tol)
-    layouts = {kind: _layout(kind, B, T, ctx.device) for kind in ("causal", "bidirectional", "mixed", "documents")}
+    layouts = {kind: layout(kind, B, T, ctx.device) for kind in LAYOUTS}
 
     def impls(kind: str) -> list[Impl]:
         lay = layouts[kind]

@@ -217,13 +217,9 @@ class Objective(abc.ABC):
         """
         if head is None:
             return cross_entropy(output, batch, z_loss=self.z_loss, normalize=self.normalize)
-        from dualobj.objectives._fused import score_hidden
+        from dualobj.objectives._fused import resolve_head, score_hidden
 
-        if isinstance(head, nn.Linear):
-            bias = head.bias if bias is None else bias
-            head = head.weight
-        elif isinstance(head, nn.Embedding):
-            head = head.weight
+        head, bias = resolve_head(head, bias)  # an FSDP2-sharded nn.Linear is gathered here
         return score_hidden(
             output, head, batch, bias=bias, z_loss=self.z_loss, normalize=self.normalize, chunk_size=chunk_size
         )

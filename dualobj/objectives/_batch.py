@@ -204,7 +204,7 @@ class Batch:
             input_ids=torch.cat([b.input_ids for b in batches]),
             labels=torch.cat([b.labels for b in batches]),
             weights=torch.cat([b.weights for b in batches]),
-            causal=torch.cat([b.causal.cpu() for b in batches]),
+            causal=torch.cat([b.causal if b.causal.device.type == "cpu" else b.causal.cpu() for b in batches]),
             doc_ids=cat_opt("doc_ids"),
             t=cat_opt("t", float("nan")),
             valid=valid,
@@ -244,7 +244,9 @@ def component_metrics(
         names: the ``k`` component names.
     """
     per_row = torch.stack([scored.sum(1), labelled.sum(1, dtype=scored.dtype), valid.sum(1, dtype=scored.dtype)])
-    sums = per_row @ torch.nn.functional.one_hot(component, len(names)).to(per_row.dtype)  # [3, k]
+    # one-hot by comparison: F.one_hot checks the values' range, a host read on an accelerator
+    onehot = component[:, None] == torch.arange(len(names), device=component.device)
+    sums = per_row @ onehot.to(per_row.dtype)  # [3, k]
     out: dict[str, torch.Tensor] = {}
     for i, name in enumerate(names):
         out[f"{name}/loss"] = sums[0, i] / sums[2, i].clamp_min(1.0)

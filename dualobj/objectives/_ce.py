@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualobj._errors import check_choice, check_tensor, fail
+from dualobj._errors import check_choice, check_finite, check_number, check_tensor, fail, fail_type, validation_enabled
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput, component_metrics
 
 NORMALIZERS = ("valid", "positions", "targets", "none")
 """What ``count`` is: ``"valid"`` scorable positions (the per-token ELBO for MD rows; the targets for AR rows),
 ``"positions"`` all ``B·L`` positions (the official dual-objective code), ``"targets"`` labelled positions
 (masked positions for MD rows: not an ELBO), ``"none"`` 1 (the plain sum)."""
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,8 +22,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_labels(
     labels: torch.Tensor, vocab_size: int, argument: str = "labels", ignore_index: int = IGNORE_INDEX
 ) -> None:
-    """Raise if a label is outside ``[0, vocab_size)`` and not ``ignore_index`` (skipped while tracing: it syncs)."""
-    if _is_compiling():
+    """Raise if a label is outside ``[0, vocab_size)`` and not ``ignore_index``.
+
+    A value check: it runs only while validation is on (:func:`dualobj.validation_enabled`), since reading the
+    result is a device-to-host sync on an accelerator.
+    """
+    if not validation_enabled():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
@@ -42,7 +42,7 @@ def normalizer(batch: Batch, normalize: str) -> torch.Tensor:
     if normalize == "valid":
         return batch.valid_mask().sum(dtype=torch.float32)
     if normalize == "positions":
-        return torch.tensor(float(batch.labels.numel()), device=device)
+        return torch.full((), float(batch.labels.numel()), device=device)  # a fill, not a host copy
     if normalize == "targets":
         return (batch.labels != IGNORE_INDEX).sum(dtype=torch.float32)
     return torch.ones((), device=device)
@@ -100,7 +100,7 @@ def finish(
 def check_batch_against(output_shape: torch.Size, batch: Batch, argument: str, what: str) -> None:
     """Check that the first two dims of a model output match the batch's ``[B, L]``."""
     if not isinstance(batch, Batch):
-        raise fail("batch", "a dualobj Batch", type(batch).__name__)
+        raise fail_type("batch", "a dualobj Batch", type(batch).__name__)
     B, L = batch.shape
     if len(output_shape) != 3 or tuple(output_shape[:2]) != (B, L):
         raise fail(argument, f"{what} of shape [B, L, *] = [{B}, {L}, *] (from batch.input_ids)",
@@ -127,6 +127,10 @@ def cross_entropy(
         normalize: the denominator, one of ``"valid"``, ``"positions"``, ``"targets"``, ``"none"``
             (see :data:`NORMALIZERS`).
 
+    While validation is on (the default; :func:`dualobj.set_validation`) labels outside ``[0, V)`` and NaN/inf
+    in the logits or the batch weights are refused. These checks read tensor values (a device-to-host sync on an
+    accelerator); with validation off, and inside ``torch.compile``, they are skipped.
+
     Returns:
         :class:`LossOutput`. An all-ignored batch gives ``loss == 0`` with zero gradients.
 
@@ -140,11 +144,12 @@ def cross_entropy(
     """
     check_tensor("logits", logits, floating=True)
     check_batch_against(logits.shape, batch, "logits", "logits")
-    if not isinstance(z_loss, (int, float)) or z_loss < 0:
-        raise fail("z_loss", "a number >= 0", repr(z_loss))
+    check_number("z_loss", z_loss, low=0)
     check_choice("normalize", normalize, NORMALIZERS)
     V = logits.shape[-1]
     check_labels(batch.labels, V)
+    check_finite("logits", logits)
+    check_finite("batch.weights", batch.weights)
     dtype = compute_dtype(logits.dtype)
     flat = logits.reshape(-1, V).to(dtype)
     labels = batch.labels.reshape(-1)

@@ -7,18 +7,30 @@ gradients of the hidden states, the output weight and the bias. With ``reduction
 inside the forward (the per-token weights are known then, so nothing is recomputed); the backward only rescales the
 stored gradients by the incoming scalar. ``reduction="none"`` cannot do that (each row's upstream gradient is only
 known in the backward), so it runs the sweep again there.
+
+The sweep is registered as the custom operators ``dualobj::fused_linear_ce`` and ``dualobj::fused_linear_ce_backward``
+(with fake implementations and an autograd formula), so ``torch.compile`` keeps it as one node of a full graph.
+On the CPU the labelled rows are gathered first; on an accelerator every row is visited with weight 0 at ignored
+ones, since gathering them has a data-dependent size (a device-to-host sync).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from dualobj._errors import check_choice, check_tensor, describe, fail
+from dualobj._errors import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_tensor,
+    fail,
+    fail_type,
+    validation_enabled,
+)
 from dualobj.objectives._batch import IGNORE_INDEX, Batch, LossOutput
 from dualobj.objectives._ce import NORMALIZERS, check_batch_against, check_labels, finish
 
@@ -170,13 +182,48 @@ def _weight_grad_buffer(weight: torch.Tensor, dtype: torch.dtype, fresh: bool) -
     return make(weight.shape, dtype=dtype, device=weight.device)
 
 
-def _select(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
-    """Indices of the labelled rows (``None`` when every row is labelled) and their count."""
-    keep = labels != ignore_index
-    rows = keep.nonzero().squeeze(1)
-    if rows.numel() == labels.numel():
-        return None, labels.numel()
-    return rows, rows.numel()
+SELECT_ROWS_ON = {"cpu"}
+"""Device types on which the sweep first gathers the labelled rows. Finding them (``nonzero``) has a
+data-dependent size, which on an accelerator is a device-to-host sync; there the sweep instead runs over every row
+with weight 0 at ignored ones (no sync, at the cost of projecting the ignored rows too)."""
+
+
+class _Rows:
+    """Which rows the sweep visits: ``index`` (the labelled rows; ``None`` for all) and, when every row is visited
+    although some are ignored, ``keep`` (``[N]`` bool) to zero the ignored ones."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+        self.n = labels.shape[0]
+        keep = labels != ignore_index
+        self.index: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        if labels.device.type not in SELECT_ROWS_ON:
+            self.keep = keep
+            return
+        rows = keep.nonzero().squeeze(1)
+        if rows.numel() != self.n:
+            self.index = rows
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The visited rows' labels (0 at ignored rows, so that they index the vocabulary)."""
+        if self.keep is not None:
+            return torch.where(self.keep, labels, 0)
+        return _gathered(labels, self.index)
+
+    def weights(self, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The visited rows' weights in ``dtype`` (0 at ignored rows)."""
+        if self.keep is not None:
+            if weights is None:
+                return self.keep.to(dtype)
+            return torch.where(self.keep, weights.to(dtype), 0.0)
+        return None if weights is None else _gathered(weights, self.index).to(dtype)
+
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-visited-row values back at all ``n`` rows, 0 (or False) at ignored rows."""
+        if self.keep is not None:
+            mask = self.keep.view(-1, *([1] * (values.ndim - 1)))
+            return values & mask if values.dtype == torch.bool else torch.where(mask, values, 0)
+        return _spread(values, self.index, self.n)
 
 
 def _gathered(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -193,126 +240,217 @@ def _spread(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Te
     return out.index_copy_(0, rows, values)
 
 
-def _outside_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compiler.disable(fn)``, built on the first call: building it imports ``torch._dynamo``, which
-    would add over a second to ``import dualobj``."""
-    built: dict[str, Callable[..., Any]] = {}
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        disabled = built.get("fn")
-        if disabled is None:
-            disabled = built["fn"] = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-
-    return call
+def _fresh(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors, each cloned if it shares storage with an earlier one (a custom op's outputs must not alias)."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key in seen or id(t) in seen:
+            t = t.clone()
+        seen.update((key, id(t)))
+        out.append(t)
+    return out
 
 
-class _FusedLinearCE(torch.autograd.Function):
-    """``Σ_labelled w·(ce + z·lse²)`` (``per_row=False``) or its per-row values (``per_row=True``).
+# The fused sweep is one opaque operator for autograd and torch.compile: its row selection (``nonzero``) has a
+# data-dependent size, so it cannot be traced, but as a custom op with a fake implementation (output shapes from
+# the input shapes alone) and an autograd formula it is a single node that ``torch.compile(fullgraph=True)`` keeps.
+# Gradients that are not built come back as empty tensors (an op returns tensors, not None).
 
-    Outputs: the loss, then detached float32 ``ce [N]``, ``lse [N]`` and bool ``correct [N]`` (0 / False at
-    ignored rows). With ``per_row=False`` the gradients are built in the forward and the backward rescales them;
-    with ``per_row=True`` the backward runs the sweep again with weights ``w·grad_output``.
+
+@torch.library.custom_op(
+    "dualobj::fused_linear_ce",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor? weights, Tensor labels, float z_loss, "
+    "int ignore_index, int chunk, bool want_correct, bool per_row, bool[] need) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _fused_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    labels: torch.Tensor,
+    z_loss: float,
+    ignore_index: int,
+    chunk: int,
+    want_correct: bool,
+    per_row: bool,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """``(out, ce [N], lse [N], correct [N], grad_h, grad_w, grad_b, per [N])``.
+
+    ``out`` is ``Σ_labelled w·(ce + z·lse²)`` (``per_row=False``) or its per-row values (``per_row=True``).
+    ``ce``, ``lse`` (float32) and ``correct`` (bool) are 0 / False at ignored rows. With ``per_row=False`` the
+    gradients of the inputs flagged in ``need = (hidden, weight, bias, weights)`` are built here and the backward
+    only rescales them; ``per`` (the per-row ``ce + z·lse²``) is returned when the weights need a gradient.
     """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _fused_forward(hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk, want_correct,
+                              per_row, need)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        weights: torch.Tensor | None,
-        labels: torch.Tensor,
-        z_loss: float,
-        ignore_index: int,
-        chunk: int,
-        want_correct: bool,
-        per_row: bool,
-        need: tuple[bool, bool, bool, bool],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        N = hidden.shape[0]
-        f32 = _acc_dtype(hidden.dtype)
-        rows, M = _select(labels, ignore_index)
-        h = _gathered(hidden, rows)
-        y = _gathered(labels, rows)
-        w = _gathered(weights, rows)
-        w = None if w is None else w.to(f32)
-        need_h, need_w, need_b, need_weights = need
-        build = not per_row
-        grad_h = torch.empty_like(h) if build and need_h else None
-        fresh_w = M > 0 and hidden.dtype == f32
-        grad_w = _weight_grad_buffer(weight, f32, fresh_w) if build and need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if build and need_b else None
-        correct = torch.zeros(M, dtype=torch.bool, device=hidden.device) if want_correct else None
-        ce, lse = _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
-                         correct=correct, fresh_w=fresh_w)
-        per = ce + z_loss * lse.square() if z_loss else ce
-        weighted = per if w is None else per * w
-        ce_full = _spread(ce, rows, N)
-        lse_full = _spread(lse, rows, N)
-        correct_full = (_spread(correct, rows, N) if correct is not None
-                        else torch.zeros(N, dtype=torch.bool, device=hidden.device))
-        per_full = _spread(per, rows, N) if need_weights else None
-        if per_row:
-            out = _spread(weighted, rows, N)
-            ctx.save_for_backward(hidden, weight, bias, weights, labels, per_full)
-            ctx.settings = (z_loss, ignore_index, chunk)
-        else:
-            out = weighted.sum()
-            ctx.grads = (
-                None if grad_h is None else _spread(grad_h, rows, N),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype),
-                per_full,
-            )
-        ctx.per_row = per_row
-        ctx.device_type = hidden.device.type
-        ctx.mark_non_differentiable(ce_full, lse_full, correct_full)
-        return out, ce_full, lse_full, correct_full
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        with torch.autocast(ctx.device_type, enabled=False):
-            return _FusedLinearCE._backward(ctx, grad_out)
+def _fused_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    labels: torch.Tensor,
+    z_loss: float,
+    ignore_index: int,
+    chunk: int,
+    want_correct: bool,
+    per_row: bool,
+    need: list[bool],
+) -> tuple[torch.Tensor, ...]:
+    N = hidden.shape[0]
+    f32 = _acc_dtype(hidden.dtype)
+    rows = _Rows(labels, ignore_index)
+    h = _gathered(hidden, rows.index)
+    y = rows.labels(labels)
+    w = rows.weights(weights, f32)
+    M = h.shape[0]
+    need_h, need_w, need_b, need_weights = need
+    build = not per_row
+    grad_h = torch.empty_like(h) if build and need_h else None
+    fresh_w = M > 0 and hidden.dtype == f32
+    grad_w = _weight_grad_buffer(weight, f32, fresh_w) if build and need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if build and need_b and bias is not None else None
+    correct = torch.zeros(M, dtype=torch.bool, device=hidden.device) if want_correct else None
+    ce, lse = _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
+                     correct=correct, fresh_w=fresh_w)
+    per = ce + z_loss * lse.square() if z_loss else ce
+    weighted = per if w is None else per * w
+    empty = hidden.new_empty(0)
+    out = rows.spread(weighted) if per_row else weighted.sum()
+    return tuple(_fresh(
+        out,
+        rows.spread(ce),
+        rows.spread(lse),
+        rows.spread(correct) if correct is not None else torch.zeros(N, dtype=torch.bool, device=hidden.device),
+        empty if grad_h is None else rows.spread(grad_h),
+        empty if grad_w is None else grad_w.to(weight.dtype),
+        empty if grad_b is None else grad_b.to(bias.dtype),
+        rows.spread(per) if need_weights else empty.to(f32),
+    ))
 
-    @staticmethod
-    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        need_h, need_w, need_b, need_weights = ctx.needs_input_grad[:4]
-        if not ctx.per_row:
-            gh, gw, gb, per = ctx.grads
-            # Out of place, so a retained graph can be differentiated again (gradcheck does); the copy comes after
-            # the forward's chunk buffers are freed, so it does not raise the peak.
-            return (
-                None if gh is None or not need_h else gh * grad_out.to(gh.dtype),
-                None if gw is None or not need_w else gw * grad_out.to(gw.dtype),
-                None if gb is None or not need_b else gb * grad_out.to(gb.dtype),
-                None if per is None or not need_weights else per * grad_out,
-            ) + (None,) * 7
-        hidden, weight, bias, weights, labels, per_full = ctx.saved_tensors
-        z_loss, ignore_index, chunk = ctx.settings
-        N = hidden.shape[0]
-        rows, _ = _select(labels, ignore_index)
-        h = _gathered(hidden, rows)
-        y = _gathered(labels, rows)
+
+@_fused_op.register_fake
+def _fused_fake(hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk, want_correct, per_row, need):
+    N, H = hidden.shape
+    f32 = _acc_dtype(hidden.dtype)
+    need_h, need_w, need_b, need_weights = need
+    build = not per_row
+
+    def empty(dtype: torch.dtype = hidden.dtype) -> torch.Tensor:  # a new one each time: outputs never alias
+        return hidden.new_empty(0, dtype=dtype)
+
+    return (
+        hidden.new_empty((N,) if per_row else (), dtype=f32),
+        hidden.new_empty(N, dtype=f32),
+        hidden.new_empty(N, dtype=f32),
+        hidden.new_empty(N, dtype=torch.bool),
+        hidden.new_empty(N, H) if build and need_h else empty(),
+        weight.new_empty(weight.shape) if build and need_w else empty(),
+        bias.new_empty(bias.shape) if build and need_b and bias is not None else empty(),
+        hidden.new_empty(N, dtype=f32) if need_weights else empty(f32),
+    )
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, weights, labels, z_loss, ignore_index, chunk, _, per_row, _ = inputs
+    _, _, _, _, grad_h, grad_w, grad_b, per = output
+    ctx.per_row = per_row
+    ctx.settings = (z_loss, ignore_index, chunk)
+    ctx.has_bias = bias is not None
+    ctx.has_weights = weights is not None
+    if per_row:
+        ctx.save_for_backward(hidden, weight, bias, weights, labels, per)
+    else:
+        ctx.save_for_backward(grad_h, grad_w, grad_b, per)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _fused_backward(ctx, grad_out, *_):
+    need_h, need_w, need_b, need_weights = ctx.needs_input_grad[:4]
+    tail = (None,) * 7
+    if not ctx.per_row:
+        gh, gw, gb, per = ctx.saved_tensors
+        # Out of place, so a retained graph can be differentiated again (gradcheck does).
+        return (
+            gh * grad_out.to(gh.dtype) if need_h and gh.numel() else None,
+            gw * grad_out.to(gw.dtype) if need_w and gw.numel() else None,
+            gb * grad_out.to(gb.dtype) if need_b and ctx.has_bias and gb.numel() else None,
+            per * grad_out if need_weights and ctx.has_weights else None,
+            *tail,
+        )
+    hidden, weight, bias, weights, labels, per = ctx.saved_tensors
+    z_loss, ignore_index, chunk = ctx.settings
+    g = grad_out.to(_acc_dtype(hidden.dtype))
+    w = g if weights is None else g * weights.to(g.dtype)
+    gh, gw, gb = torch.ops.dualobj.fused_linear_ce_backward(
+        hidden, weight, bias, w, labels, z_loss, ignore_index, chunk, [need_h, need_w, need_b and bias is not None])
+    return (
+        gh if need_h else None,
+        gw if need_w else None,
+        gb if need_b and bias is not None else None,
+        (per * g).to(weights.dtype) if need_weights and weights is not None else None,
+        *tail,
+    )
+
+
+@torch.library.custom_op(
+    "dualobj::fused_linear_ce_backward",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_weights, Tensor labels, float z_loss, "
+    "int ignore_index, int chunk, bool[] need) -> (Tensor, Tensor, Tensor)",
+)
+def _fused_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_weights: torch.Tensor,
+    labels: torch.Tensor,
+    z_loss: float,
+    ignore_index: int,
+    chunk: int,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sweep again, with the upstream per-row gradient folded into ``row_weights``: ``(gh, gw, gb)``."""
+    with torch.autocast(hidden.device.type, enabled=False):
         acc = _acc_dtype(hidden.dtype)
-        g = grad_out.to(acc)
-        w = g if weights is None else g * weights.to(acc)
-        w = _gathered(w, rows)
+        rows = _Rows(labels, ignore_index)
+        h = _gathered(hidden, rows.index)
+        need_h, need_w, need_b = need
         grad_h = torch.empty_like(h) if need_h else None
         fresh_w = h.shape[0] > 0 and hidden.dtype == acc
         grad_w = _weight_grad_buffer(weight, acc, fresh_w) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        _sweep(h, weight, bias, y, w, z_loss, chunk, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b, fresh_w=fresh_w)
-        return (
-            None if grad_h is None else _spread(grad_h, rows, N),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None if not need_weights else (per_full * g).to(weights.dtype),
-        ) + (None,) * 7
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
+        _sweep(h, weight, bias, rows.labels(labels), rows.weights(row_weights, acc), z_loss, chunk,
+               grad_h=grad_h, grad_w=grad_w, grad_b=grad_b, fresh_w=fresh_w)
+        empty = hidden.new_empty(0)
+        return tuple(_fresh(
+            empty if grad_h is None else rows.spread(grad_h),
+            empty if grad_w is None else grad_w.to(weight.dtype),
+            empty if grad_b is None else grad_b.to(bias.dtype),
+        ))
 
 
-@_outside_compile
+@_fused_backward_op.register_fake
+def _fused_backward_fake(hidden, weight, bias, row_weights, labels, z_loss, ignore_index, chunk, need):
+    need_h, need_w, need_b = need
+    return (
+        hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if need_b and bias is not None else hidden.new_empty(0),
+    )
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
 def _fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -325,7 +463,8 @@ def _fused(
     want_correct: bool,
     per_row: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run :class:`_FusedLinearCE` outside any ``torch.compile`` graph (its row selection is data-dependent)."""
+    """Run the fused op: ``(out, ce [N], lse [N], correct [N])``, autocast applied to the output layer as autograd
+    would have applied it to ``F.linear``."""
     grad_on = torch.is_grad_enabled()
 
     def wants(x: torch.Tensor | None) -> bool:
@@ -337,17 +476,19 @@ def _fused(
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    need = (wants(hidden), wants(weight), wants(bias), wants(weights))
-    with torch.autocast(device_type, enabled=False):
-        return _FusedLinearCE.apply(hidden, weight, bias, weights, labels, float(z_loss), int(ignore_index),
-                                    int(chunk), want_correct, per_row, need)
+    need = [wants(hidden), wants(weight), wants(bias), wants(weights)]
+    out, ce, lse, correct, *_ = torch.ops.dualobj.fused_linear_ce(
+        hidden, weight, bias, weights, labels, float(z_loss), int(ignore_index), int(chunk), want_correct, per_row,
+        need)
+    return out, ce, lse, correct
 
 
 def _native_does_it(
     hidden: torch.Tensor, weights: torch.Tensor | None, z_loss: float, reduction: str, return_accuracy: bool
 ) -> bool:
     """Whether torch's own chunked ``F.linear_cross_entropy`` (torch >= 2.13) computes exactly what was asked:
-    no per-token weights, no z-loss, a scalar reduction, no accuracy, float32 or lower outside autocast."""
+    no per-token weights, no z-loss, a scalar reduction, no accuracy, float32 or lower outside autocast. Inside
+    ``torch.compile`` the library's op is used instead (torch's op would break the graph)."""
     return (
         _HAS_NATIVE
         and weights is None
@@ -356,10 +497,10 @@ def _native_does_it(
         and not return_accuracy
         and hidden.dtype != torch.float64
         and not torch.is_autocast_enabled(hidden.device.type)
+        and not torch.compiler.is_compiling()
     )
 
 
-@_outside_compile
 def _native_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -383,9 +524,16 @@ def _check_common(
     chunk_size: int | None,
     head_name: str = "weight",
 ) -> int:
-    """Validate the arguments shared by the two entry points; return the chunk size to use."""
+    """Validate the arguments shared by the two entry points; return the chunk size to use.
+
+    Structural checks always run; the NaN/inf checks of ``hidden``, the head and the bias only while validation is
+    on (:func:`dualobj.set_validation`), since on an accelerator they read values back to the host.
+    """
     H = hidden.shape[-1]
     check_tensor(head_name, weight, ndim=2, floating=True)
+    if _is_dtensor(weight):
+        raise fail(head_name, "an unsharded weight (under FSDP2 pass the fully_shard-ed output module itself as "
+                   "head=, or run the loss inside a module whose forward FSDP hooks)", "a sharded DTensor")
     if weight.shape[1] != H:
         raise fail(head_name, f"an output-layer weight of shape [V, H={H}]", f"shape {list(weight.shape)}")
     autocast = torch.is_autocast_enabled(hidden.device.type)
@@ -398,13 +546,53 @@ def _check_common(
         check_tensor("bias", bias, shape=(V,), floating=True)
         if bias.dtype != hidden.dtype and not autocast:
             raise fail("bias", f"dtype {hidden.dtype} (the dtype of hidden)", str(bias.dtype))
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not z_loss >= 0 or math.isinf(z_loss):
-        raise fail("z_loss", "a finite number >= 0", describe(z_loss))
+    check_number("z_loss", z_loss, low=0)
+    if validation_enabled():
+        check_finite("hidden", hidden)
+        check_finite(head_name, weight)
+        if bias is not None:
+            check_finite("bias", bias)
     if chunk_size is None:
         return default_chunk_size(V)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise fail("chunk_size", "a positive int or None", describe(chunk_size))
-    return chunk_size
+    return check_int("chunk_size", chunk_size, low=1)
+
+
+def _is_dtensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``DTensor`` (a sharded FSDP2 parameter outside its module's forward)."""
+    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
+
+
+def resolve_head(
+    head: torch.Tensor | torch.nn.Module, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(weight, bias)`` of an output layer given as a weight tensor or an ``nn.Linear``.
+
+    Under FSDP2 (``torch.distributed.fsdp.fully_shard``) a module's parameters are sharded ``DTensor`` s except
+    inside that module's forward. When ``head`` is itself an FSDP2 unit (``fully_shard(model.lm_head)``), its
+    parameters are gathered here with ``head.unshard()``: the loss then reads the full weight, its gradient lands on
+    the unsharded parameter, and FSDP reduce-scatters it and reshards the unit at the end of the backward, as it
+    does for any unit that ran without its own forward. A head that belongs to a larger unit (tied embeddings, or
+    an output layer sharded with the root module) is already unsharded after the model's forward.
+
+    Args:
+        head: ``[V, H]`` weight, an ``nn.Linear``, or an ``nn.Embedding`` whose weight is tied to the output
+            (either possibly ``fully_shard``-ed).
+        bias: ``[V]`` bias; taken from the ``nn.Linear`` when ``None``.
+
+    Returns:
+        The weight and the bias to use.
+    """
+    if isinstance(head, torch.nn.Module):
+        if not isinstance(head, (torch.nn.Linear, torch.nn.Embedding)):
+            raise fail_type("head", "an output-layer weight [V, H], an nn.Linear or a tied nn.Embedding",
+                            type(head).__name__)
+        unshard = getattr(head, "unshard", None)
+        if callable(unshard) and _is_dtensor(head.weight):
+            unshard()
+        if isinstance(head, torch.nn.Linear):
+            bias = head.bias if bias is None else bias
+        head = head.weight
+    return head, bias
 
 
 def linear_cross_entropy(
@@ -432,10 +620,13 @@ def linear_cross_entropy(
     for ``"sum"`` and ``"mean"`` the gradients of ``hidden``, ``weight`` and ``bias`` are computed during the
     forward and the backward only rescales them (no second pass over the vocabulary). Double backward is not
     supported. The CE, the log-sum-exp and the gradient of the logits are computed in float32 whatever the input
-    dtype; the matrix products run in the input dtype. Inside ``torch.compile`` the function runs eagerly (it is
-    wrapped in ``torch.compiler.disable``: the row selection is data-dependent). Without weights, z-loss or
-    accuracy, with a scalar reduction, torch's own chunked ``F.linear_cross_entropy`` (torch >= 2.13) does exactly
-    this job and is used instead.
+    dtype; the matrix products run in the input dtype. The sweep is one custom operator (``dualobj::
+    fused_linear_ce``, with a fake implementation and an autograd formula), so ``torch.compile(fullgraph=True)``
+    traces through it as a single node. Without weights, z-loss or accuracy, with a scalar reduction, torch's own
+    chunked ``F.linear_cross_entropy`` (torch >= 2.13) does exactly this job and is used instead (in eager mode).
+    While validation is on (the default) NaN/inf in ``hidden``, ``weight``, ``bias`` or ``weights`` and labels
+    outside ``[0, V)`` are refused; these checks read values, so turn validation off
+    (:func:`dualobj.set_validation`) to avoid their device-to-host syncs on an accelerator.
 
     Args:
         hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
@@ -471,8 +662,12 @@ def linear_cross_entropy(
     if weights is not None:
         check_tensor("weights", weights, shape=(N,), floating=True)
     check_choice("reduction", reduction, REDUCTIONS)
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_bool("return_accuracy", return_accuracy)
     chunk = _check_common(hidden, weight, bias, z_loss, chunk_size)
     check_labels(labels, weight.shape[0], ignore_index=ignore_index)
+    if weights is not None:
+        check_finite("weights", weights)
     if _native_does_it(hidden, weights, z_loss, reduction, return_accuracy):
         out = _native_sum(hidden, weight, labels, bias, ignore_index, chunk)
     else:
@@ -520,6 +715,7 @@ def score_hidden(
     chunk = _check_common(hidden, weight, bias, z_loss, chunk_size, head_name="head")
     check_choice("normalize", normalize, NORMALIZERS)
     check_labels(batch.labels, weight.shape[0])
+    check_finite("batch.weights", batch.weights)
     B, L = batch.shape
     total, ce, lse, correct = _fused(hidden.reshape(B * L, -1), weight, bias, batch.weights.reshape(-1),
                                      batch.labels.reshape(-1), z_loss, IGNORE_INDEX, chunk, True, False)

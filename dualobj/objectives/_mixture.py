@@ -348,7 +348,8 @@ class Mixture(Objective):
 
     def _label(self, batch: Batch, counts: list[int]) -> Batch:
         """``batch`` with its rows' component indices (``counts[i]`` rows of component ``i``, in order)."""
-        index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+        # built from host integers: a constant under torch.compile, no device op
+        index = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.int64)
         return dataclasses.replace(batch, component=index, component_names=self.names)
 
     def _concat(self, parts: list[Batch], counts: list[int]) -> Batch:
