@@ -23,12 +23,15 @@ from dualobj import _random
 from dualobj._errors import (
     check_bool,
     check_choice,
+    check_finite,
     check_generator,
     check_int,
     check_number,
     check_probability,
+    check_tensor,
     describe,
     fail,
+    validation_enabled,
 )
 from dualobj.masking._random import (
     ROUNDINGS,
@@ -64,7 +67,24 @@ class SpanLengths(Protocol):
 
 
 def inverse_cdf(pmf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Lengths ``1..len(pmf)`` from uniform draws ``u`` by inverting the CDF of ``pmf`` (int64, shape of ``u``)."""
+    """Lengths ``1..len(pmf)`` from uniform draws ``u`` by inverting the CDF of ``pmf`` (int64, shape of ``u``).
+
+    Args:
+        pmf: ``[n]`` floating probabilities of the lengths ``1..n``: finite, ``>= 0``, summing to 1 (values are
+            checked while validation is on).
+        u: uniform draws in [0, 1), any shape.
+    """
+    check_tensor("pmf", pmf, ndim=1, floating=True)
+    check_tensor("u", u, floating=True)
+    if pmf.numel() == 0:
+        raise fail("pmf", "at least one probability", describe(pmf))
+    if validation_enabled():
+        check_finite("pmf", pmf)
+        if bool((pmf < 0).any()):
+            raise fail("pmf", "probabilities >= 0", f"a minimum of {float(pmf.min()):g}")
+        total = float(pmf.double().sum())
+        if abs(total - 1.0) > 1e-6:
+            raise fail("pmf", "probabilities summing to 1", f"a sum of {total:g}")
     cdf = pmf.to(device=u.device, dtype=torch.float64).cumsum(0)[:-1]
     return torch.bucketize(u.double(), cdf, right=True) + 1
 

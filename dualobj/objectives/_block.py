@@ -200,10 +200,7 @@ class BlockDiffusionObjective(Objective):
         check_generator("generator", generator)
         if self.block_size > L:
             raise fail("block_size", f"an int in [1, L={L}] (the row length)", self.block_size)
-        tokens = tokens.long()
-        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
-            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
-                       "a batch that already contains it")
+        tokens = tokens.long()  # (build refuses tokens that contain mask_token_id)
         maskable = self.eligible(tokens, prompt_lengths=prompt_lengths)
         K = self.num_blocks(L)
         device = tokens.device
@@ -246,7 +243,7 @@ class BlockDiffusionObjective(Objective):
         """The deterministic half of :meth:`prepare`: the batch for a given mask and per-block noise levels.
 
         Args:
-            tokens: ``[B, L]`` clean ids.
+            tokens: ``[B, L]`` clean ids, without ``mask_token_id``.
             mask: ``[B, L]`` bool, True = replaced by ``mask_token_id`` in the noisy half (kept inside ``maskable``).
             t: ``[B, K]`` noise level of each block (clamped to ``[t_min, 1]``).
             maskable: ``[B, L]`` bool, positions that could have been masked (the ``"valid"`` count).
@@ -255,6 +252,9 @@ class BlockDiffusionObjective(Objective):
         """
         B, L = check_tokens(tokens, doc_ids)
         tokens = tokens.long()
+        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
+            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
+                       "a batch that already contains it")
         K = self.num_blocks(L)
         check_tensor("mask", mask, shape=(B, L), dtypes=(torch.bool,))
         check_tensor("t", t, shape=(B, K), floating=True)
