@@ -165,7 +165,7 @@ def attention(
             raise fail(name, f"dtype {q.dtype} on {q.device} (those of q)", f"{x.dtype} on {x.device}")
     if layout is not None:
         if not isinstance(layout, AttentionLayout):
-            raise fail("layout", "an AttentionLayout (for example batch.layout) or None", describe(layout))
+            raise fail_type("layout", "an AttentionLayout (for example batch.layout) or None", describe(layout))
         if causal is not None or doc_ids is not None or prefix_lengths is not None:
             raise fail("layout", "either layout= or the causal/doc_ids/prefix_lengths keywords",
                        "both")

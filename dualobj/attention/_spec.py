@@ -5,9 +5,10 @@ A layout combines three independent pieces, all per row of the batch:
 - ``causal``: a Python bool for the whole batch, or a bool tensor ``[B]`` (rows may differ).
 - ``doc_ids``: ``[B, T]`` integer ids of packed documents. A document is a maximal run of equal ids, so attention
   never crosses a change of id (the same id reappearing later in the row starts a new document).
-- ``prefix_lengths``: ``[B]`` integers for prefix-LM rows: in a causal row, the first ``P`` positions are visible
-  to every query (bidirectional over the prefix, causal after it). ``P <= 0`` is plain causal, ``P >= T`` is fully
-  bidirectional; bidirectional rows ignore it.
+- ``prefix_lengths``: ``[B]`` integers ``>= 0`` for prefix-LM rows: in a causal row, the first ``P`` positions are
+  visible to every query (bidirectional over the prefix, causal after it). ``P = 0`` is plain causal, ``P >= T`` is
+  fully bidirectional; bidirectional rows ignore it. A negative length is refused (a value check, run while
+  validation is on).
 
 Query ``i`` may attend key ``j`` of row ``b`` when
 ``same_document(b, i, j) and (not causal[b] or j <= i or j < prefix_lengths[b])``. Every query sees at least

@@ -31,6 +31,7 @@ from dualobj._errors import (
     check_tensor,
     describe,
     fail,
+    fail_type,
     validation_enabled,
 )
 from dualobj.masking._random import (
@@ -243,7 +244,8 @@ def span_mask(
         lengths = SPAN_SCHEMES[lengths]()
     tiled = not isinstance(lengths, T5Spans)
     if tiled and not (callable(getattr(lengths, "pmf", None)) and hasattr(lengths, "rounding")):
-        raise fail("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name", describe(lengths))
+        raise fail_type("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name",
+                        describe(lengths))
     (B, L), device = resolve_shape(tokens_or_shape)
     rates = resolve_rate(rate, B, device)
     allowed = resolve_maskable(maskable, B, L, device)

@@ -16,6 +16,7 @@ from dualobj._errors import (
     check_tensor,
     describe,
     fail,
+    fail_type,
     validation_enabled,
 )
 from dualobj.attention import document_positions
@@ -148,7 +149,7 @@ class BlockDiffusionObjective(Objective):
         if pad_id is not None and pad_id == mask_token_id:
             raise fail("mask_token_id", f"an id different from pad_id={pad_id}", mask_token_id)
         if masker is not None and not callable(masker):
-            raise fail("masker", "a callable masker(tokens, rate, *, maskable, generator)", describe(masker))
+            raise fail_type("masker", "a callable masker(tokens, rate, *, maskable, generator)", describe(masker))
         check_choice("t_per", t_per, T_PER)
         check_choice("weighting", weighting, BD_WEIGHTINGS)
         self.t_min = check_number("t_min", t_min, low=0.0, high=1.0, low_open=True, high_open=True)

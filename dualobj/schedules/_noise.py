@@ -413,7 +413,7 @@ class AutogradSchedule(NoiseScheduleBase):
         if not callable(self.alpha_fn):
             raise fail_type("alpha_fn", "a callable t -> alpha(t)", describe(self.alpha_fn))
         if self.inverse is not None and not callable(self.inverse):
-            raise fail("inverse", "a callable rate -> t or None", describe(self.inverse))
+            raise fail_type("inverse", "a callable rate -> t or None", describe(self.inverse))
         # An increasing α(t) would give negative ELBO weights w(t) = −α'(t)/(1 − α(t)): refuse it up front.
         grid = torch.linspace(0.0, 1.0, _GRID, dtype=torch.float64)
         values = self._eval(grid)
