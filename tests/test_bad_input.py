@@ -21,7 +21,14 @@ from typer.testing import CliRunner
 
 import dualobj
 from dualobj import DualObjError, DualObjTypeError
-from dualobj.attention import AttentionSpec, SelfAttention, attention, available_backends, rope_frequencies
+from dualobj.attention import (
+    AttentionLayout,
+    AttentionSpec,
+    SelfAttention,
+    attention,
+    available_backends,
+    rope_frequencies,
+)
 from dualobj.cli import app
 from dualobj.data import ByteTokenizer, Corpus, Document, load_corpus, pack, repetition_subset, shuffled, split_corpus
 from dualobj.evaluation import (
@@ -52,9 +59,11 @@ from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import (
     ARObjective,
     Batch,
+    BlockDiffusionObjective,
     DualObjective,
     LossOutput,
     MDObjective,
+    Mixture,
     batch_count,
     cross_entropy,
     global_count,
@@ -371,6 +380,22 @@ CASES = [
     case(lambda: dualobj.evaluation.NLL(1.0, -1), "tokens", id="nll-negative-tokens"),
     case(lambda: antithetic_times(-1, 2, generator=None), "n", id="antithetic_times-n-negative"),
     case(lambda: antithetic_times(3, 2, generator=7), "generator", T, id="antithetic_times-generator-int"),
+    case(lambda: Mixture({"ar": (ARObjective(), 0.5), "md": (md(), 0.5)}, split="rank", steps_per_epoch=1, rank=2,
+                         world_size=2), "rank", id="mixture-rank-too-big"),
+    case(lambda: BlockDiffusionObjective(MASK, 2, num_special=4).build(
+        with_id(MASK), torch.zeros(B, L, dtype=torch.bool), torch.full((B, L // 2), 0.5),
+        maskable=torch.ones(B, L, dtype=torch.bool)), "tokens", id="bd-build-tokens-contain-mask"),
+    case(lambda: inverse_cdf(torch.tensor([0.5, 0.2]), torch.rand(3)), "pmf", id="inverse_cdf-pmf-sum"),
+    case(lambda: inverse_cdf(torch.tensor([1]), torch.rand(3)), "pmf", T, id="inverse_cdf-pmf-int"),
+    case(lambda: inverse_cdf(torch.tensor([0.5, NAN]), torch.rand(3)), "pmf", id="inverse_cdf-pmf-nan"),
+    case(lambda: span_mask(toks(), 0.5, lengths=3), "lengths", T, id="span_mask-lengths-int"),
+    case(lambda: available_backends(device=3), "device", T, id="available_backends-device-int"),
+    case(lambda: available_backends(device="quantum"), "device", id="available_backends-device-unknown"),
+    case(lambda: AttentionLayout(causal="yes"), "causal", T, id="attention-layout-causal-str"),
+    case(lambda: AttentionSpec(2, 4, True, prefix_lengths=torch.tensor([0, -2])), "prefix_lengths",
+         id="attention-spec-prefix_lengths-negative"),
+    case(lambda: join([constant(0.1), "x"], [5]), "schedules[1]", T, id="join-schedule-str"),
+    case(lambda: Batch.cat([ar_batch(), "batch"]), "batches", T, id="batch-cat-str"),
     # ---- data and experiments ------------------------------------------------------------------------------
     case(lambda: ByteTokenizer(num_special=-1), "num_special", id="tokenizer-num_special"),
     case(lambda: ByteTokenizer().encode(123), "text", T, id="tokenizer-encode-int", fix="data/_tokenizer.py (repro)"),
