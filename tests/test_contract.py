@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import dualobj
 from dualobj import DualObjError
+from dualobj.masking import GeometricSpans, SpanMasker, UniformSpans
 from dualobj.models import Transformer, TransformerConfig
 from dualobj.objectives import (
     IGNORE_INDEX,
@@ -84,9 +85,9 @@ def objectives() -> dict[str, object]:
         "md": md(),
         "dual": DualObjective(0.5, md=md()),
         "dual-scheduled": DualObjective(linear_ramp(1.0, 0.25, steps=2), md=md(), split="step"),
-        # The third component stands for a span-masked MLM; here a second MDObjective with other settings.
+        # AR, random-mask MD and a span-mask MLM (SpanBERT's geometric lengths, unweighted, scored in place).
         "mixture": Mixture({"ar": (ARObjective(), 0.5), "md": (md(), 0.25),
-                            "mlm": (md(weighting="none", shift=False), 0.25)}),
+                            "span": (md(masker=SpanMasker(GeometricSpans(p=0.3, max_length=4)), shift=False), 0.25)}),
         "user": NextButOne(),
         "protocol-only": ProtocolOnly(),
     }
@@ -169,45 +170,57 @@ def fixed_logits(L: int, seed: int) -> torch.Tensor:
 
 
 def test_mixture_rows_split_has_expected_loss_sum_of_weighted_component_losses():
-    """E[loss] = Σ w_i L_i for three components, over the random row counts and masks.
+    """E[loss] = Σ w_i L_i for AR, random-mask MD and span-mask MLM, over the random row counts and masks.
 
     Every row holds the same tokens and the "model" the same fixed logits, so each component's expected loss has a
-    closed form, computed here with ``F.cross_entropy`` on hand-aligned logits:
+    closed form. The logits are random, except that the in-place cross-entropy of every token is set to the same
+    value ``c`` (checked with ``F.cross_entropy``), which makes the span masker's loss depend on its count only:
 
-    - AR: the mean CE of output ``i`` on token ``i + 1``.
+    - AR: the mean CE of output ``i`` on token ``i + 1`` (``F.cross_entropy`` on hand-shifted logits).
     - MD, in place, ELBO weighting, linear schedule: each maskable position is masked with probability ``t``
-      exactly and weighted ``1/t``, so the expectation is the mean in-place CE over the maskable positions.
-    - MLM, in place, no weighting: the same masks unweighted, so ``E[t] = (1 + t_min)/2`` times that mean.
+      exactly and weighted ``1/t``, so the expectation is the mean in-place CE over the maskable positions: ``c``.
+    - span MLM, in place, no weighting: exactly ``k = stochastic_round(t·n)`` of the ``n`` maskable positions are
+      masked whatever the spans, each costing ``c``; ``E[k] = E[t]·n`` with ``t`` uniform on ``[t_min, 1]``, so
+      the expectation is ``(1 + t_min)/2 · c``.
 
     The first token is a special id, so all three components have ``L − 1`` valid positions per row and the
     mixture's ``total / count`` is the row-weighted mean of the component losses.
     """
     B, L, draws = 7, 9, 1500
-    weights = {"ar": 0.5, "md": 0.3, "mlm": 0.2}  # 3.5, 2.1 and 1.4 rows: every count is rounded at random
+    weights = {"ar": 0.5, "md": 0.3, "span": 0.2}  # 3.5, 2.1 and 1.4 rows: every count is rounded at random
+    span = md(shift=False, masker=SpanMasker(UniformSpans(3)))
     mix = Mixture({"ar": (ARObjective(), weights["ar"]), "md": (md(shift=False), weights["md"]),
-                   "mlm": (md(shift=False, weighting="none"), weights["mlm"])})
+                   "span": (span, weights["span"])})
     row = tokens(1, L, seed=5)
     row[0, 0] = 1  # a special id: never masked, never predicted in place
     x = row.expand(B, L).clone()
-    logits = fixed_logits(L, 6)
+    c = 1.7
+    logits = fixed_logits(L, 6).double()
+    others = logits.scatter(1, row[0][:, None], -math.inf).logsumexp(1)  # log Σ_{j != token} exp(z_j)
+    logits[torch.arange(L), row[0]] = others + math.log(math.exp(-c) / (1 - math.exp(-c)))
+    logits = logits.float()
     ar_ref = F.cross_entropy(logits[:-1], row[0, 1:]).item()
-    inplace = F.cross_entropy(logits[1:], row[0, 1:]).item()
+    inplace = F.cross_entropy(logits[1:], row[0, 1:], reduction="none")
+    assert inplace.tolist() == pytest.approx([c] * (L - 1), rel=1e-5)
+    assert abs(ar_ref - c) > 0.1  # AR scores other targets: its loss is not the in-place one
     t_min = 1e-3
-    expected = weights["ar"] * ar_ref + weights["md"] * inplace + weights["mlm"] * (1 + t_min) / 2 * inplace
+    expected = weights["ar"] * ar_ref + weights["md"] * c + weights["span"] * (1 + t_min) / 2 * c
 
-    losses, rows, md_metric = [], {k: [] for k in weights}, []
+    losses, rows, md_metric, span_metric = [], {k: [] for k in weights}, [], []
     for s in range(draws):
         batch = mix.prepare(x, generator=gen(s))
         out = mix.loss(logits.expand(B, L, V), batch)
         losses.append(out.loss.item())
         for name, n in batch.component_counts():
             rows[name].append(n)
-        assert set(out.metrics) >= {"ar/loss", "ar/tokens", "md/loss", "md/tokens", "mlm/loss", "mlm/tokens"}
+        assert set(out.metrics) >= {"ar/loss", "ar/tokens", "md/loss", "md/tokens", "span/loss", "span/tokens"}
         assert out.metrics["ar/tokens"].item() == dict(batch.component_counts())["ar"] * (L - 1)
         if dict(batch.component_counts())["ar"]:
             assert out.metrics["ar/loss"].item() == pytest.approx(ar_ref, rel=1e-5)
         if dict(batch.component_counts())["md"]:
             md_metric.append(out.metrics["md/loss"].item())
+        if dict(batch.component_counts())["span"]:
+            span_metric.append(out.metrics["span/loss"].item())
     losses = torch.tensor(losses, dtype=torch.float64)
     se = losses.std().item() / math.sqrt(draws)
     assert abs(losses.mean().item() - expected) < 4.5 * se, (losses.mean().item(), expected, se)
@@ -216,7 +229,11 @@ def test_mixture_rows_split_has_expected_loss_sum_of_weighted_component_losses()
         assert set(counts.tolist()) <= {math.floor(w * B), math.ceil(w * B)}
         assert abs(counts.mean().item() - w * B) < 4.5 * counts.std().item() / math.sqrt(draws)
     md_metric = torch.tensor(md_metric, dtype=torch.float64)
-    assert abs(md_metric.mean().item() - inplace) < 4.5 * md_metric.std().item() / math.sqrt(len(md_metric))
+    # (+1e-6: with the same CE everywhere the count estimator gives c in every draw, up to float32 rounding)
+    assert abs(md_metric.mean().item() - c) < 4.5 * md_metric.std().item() / math.sqrt(len(md_metric)) + 1e-6
+    span_metric = torch.tensor(span_metric, dtype=torch.float64)
+    span_ref = (1 + t_min) / 2 * c
+    assert abs(span_metric.mean().item() - span_ref) < 4.5 * span_metric.std().item() / math.sqrt(len(span_metric))
 
 
 @pytest.mark.parametrize("B", [1, 3, 8, 13])

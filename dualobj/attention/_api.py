@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dualobj._errors import check_number, check_tensor, describe, fail
+from dualobj._errors import check_number, check_tensor, describe, fail, fail_type
 from dualobj.attention._backends import BACKENDS, Backend
 from dualobj.attention._spec import AttentionLayout, AttentionSpec
 
@@ -30,7 +30,12 @@ class BackendStatus:
 
 
 def _device_key(device: torch.device | str | None) -> torch.device:
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise fail_type("device", "a torch.device, a device string or None", describe(device))
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError as err:
+        raise fail("device", "a valid device such as 'cpu' or 'cuda:0'", repr(device)) from err
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -85,6 +90,8 @@ def available_backends(
         a backend that does not run carries the reason (for xformers: the torch and CUDA build it was compiled
         for against the one installed, and what to install).
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise fail_type("dtype", "a floating torch.dtype such as torch.float32", describe(dtype))
     return dict(_status(_device_key(device), dtype))
 
 
@@ -158,7 +165,7 @@ def attention(
             raise fail(name, f"dtype {q.dtype} on {q.device} (those of q)", f"{x.dtype} on {x.device}")
     if layout is not None:
         if not isinstance(layout, AttentionLayout):
-            raise fail("layout", "an AttentionLayout (for example batch.layout) or None", describe(layout))
+            raise fail_type("layout", "an AttentionLayout (for example batch.layout) or None", describe(layout))
         if causal is not None or doc_ids is not None or prefix_lengths is not None:
             raise fail("layout", "either layout= or the causal/doc_ids/prefix_lengths keywords",
                        "both")

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from dualobj._errors import DualObjError
+from dualobj._errors import fail
 from dualobj.attention._spec import AttentionSpec
 
 INSTALL_XFORMERS = (
@@ -206,9 +206,11 @@ class FlexBackend:
         from torch.nn.attention.flex_attention import create_block_mask
 
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise DualObjError(
-                f"backend: 'flex' on the CPU runs forward only in torch {torch.__version__} (FlexAttention has no "
-                "CPU backward); for training use backend='sdpa' or 'math' on the CPU, or run 'flex' on CUDA"
+            raise fail(
+                "backend",
+                "'sdpa' or 'math' for training on the CPU, or 'flex' on CUDA",
+                f"'flex', which runs forward only on the CPU in torch {torch.__version__} (FlexAttention has no "
+                "CPU backward)",
             )
         B, T = spec.batch, spec.length
         if spec.block_size is not None:
@@ -355,14 +357,17 @@ class XFormersBackend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float
     ) -> torch.Tensor:
         if spec.block_size is not None:
-            raise DualObjError(
-                "backend: expected a backend that runs the block-diffusion layout ('flex', 'sdpa' or 'math'), "
-                "got 'xformers' (its structured biases cannot express it)"
+            raise fail(
+                "backend",
+                "a backend that runs the block-diffusion layout ('flex', 'sdpa' or 'math')",
+                "'xformers' (its structured biases cannot express it)",
             )
         if spec.prefix_lengths is not None:
-            raise DualObjError(
-                "prefix_lengths: expected None with backend='xformers' (its structured biases cannot express "
-                "prefix-LM rows), got a tensor; use backend='sdpa' or 'flex'"
+            raise fail(
+                "prefix_lengths",
+                "None with backend='xformers' (its structured biases cannot express prefix-LM rows; use "
+                "backend='sdpa' or 'flex')",
+                "a tensor",
             )
         xops, attn_bias, _ = import_xformers()
         causal = spec.host_causal()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dualobj._errors import check_int, check_number, check_tensor, fail
+from dualobj._errors import check_int, check_number, check_tensor, fail, fail_type
 from dualobj.attention._api import attention
 from dualobj.attention._backends import Backend
 from dualobj.attention._rope import apply_rope, rope_frequencies
@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
             raise fail("x", f"shape [B, T, {self.dim}]", f"shape {list(x.shape)}")
         weight = self.qkv.weight
         if x.dtype != weight.dtype:
-            raise fail("x", f"dtype {weight.dtype} (that of the module's parameters; convert the module with "
+            raise fail_type("x", f"dtype {weight.dtype} (that of the module's parameters; convert the module with "
                        ".to(dtype) or cast x)", str(x.dtype))
         layout = resolve_layout(layout, causal, doc_ids, prefix_lengths)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
@@ -104,7 +104,7 @@ def resolve_layout(
     ``prefix_lengths`` (the older calling convention), never both."""
     if layout is not None:
         if not isinstance(layout, AttentionLayout):
-            raise fail("layout", "an AttentionLayout (for example batch.layout) or None", type(layout).__name__)
+            raise fail_type("layout", "an AttentionLayout (for example batch.layout) or None", type(layout).__name__)
         if causal is not None or doc_ids is not None or prefix_lengths is not None:
             raise fail("layout", "either layout= or the causal/doc_ids/prefix_lengths keywords", "both")
         return layout

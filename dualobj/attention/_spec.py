@@ -5,9 +5,10 @@ A layout combines three independent pieces, all per row of the batch:
 - ``causal``: a Python bool for the whole batch, or a bool tensor ``[B]`` (rows may differ).
 - ``doc_ids``: ``[B, T]`` integer ids of packed documents. A document is a maximal run of equal ids, so attention
   never crosses a change of id (the same id reappearing later in the row starts a new document).
-- ``prefix_lengths``: ``[B]`` integers for prefix-LM rows: in a causal row, the first ``P`` positions are visible
-  to every query (bidirectional over the prefix, causal after it). ``P <= 0`` is plain causal, ``P >= T`` is fully
-  bidirectional; bidirectional rows ignore it.
+- ``prefix_lengths``: ``[B]`` integers ``>= 0`` for prefix-LM rows: in a causal row, the first ``P`` positions are
+  visible to every query (bidirectional over the prefix, causal after it). ``P = 0`` is plain causal, ``P >= T`` is
+  fully bidirectional; bidirectional rows ignore it. A negative length is refused (a value check, run while
+  validation is on).
 
 Query ``i`` may attend key ``j`` of row ``b`` when
 ``same_document(b, i, j) and (not causal[b] or j <= i or j < prefix_lengths[b])``. Every query sees at least
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dualobj._errors import check_int, check_tensor, describe, fail
+from dualobj._errors import check_ids, check_int, check_tensor, describe, fail, fail_type
 
 BLOCK_TAG = "_dualobj_block_size"
 """Attribute set on the ``causal`` tensor of a block-diffusion :class:`~dualobj.objectives.Batch`: that tensor alone
@@ -182,6 +183,30 @@ class AttentionSpec:
     prefix_lengths: torch.Tensor | None = None
     block_size: int | None = None
 
+    def __post_init__(self) -> None:
+        batch = check_int("batch", self.batch, low=0)
+        length = check_int("length", self.length, low=0)
+        doc_len = length
+        if self.block_size is not None:
+            if length % 2:
+                raise fail("q", "an even length 2L (the rows [x_t ; x_0]) for a block-diffusion layout",
+                           f"length {length}")
+            doc_len = length // 2
+            check_int("block_size", self.block_size, low=1, high=doc_len)
+            if self.prefix_lengths is not None:
+                raise fail("prefix_lengths", "None with a block-diffusion layout", describe(self.prefix_lengths))
+        else:
+            check_untagged(self.causal)
+        if isinstance(self.causal, torch.Tensor):
+            check_tensor("causal", self.causal, shape=(batch,), dtypes=(torch.bool,))
+        elif not isinstance(self.causal, bool):
+            raise fail_type("causal", f"a Python bool or a bool tensor of shape [{batch}]", describe(self.causal))
+        if self.doc_ids is not None:
+            check_tensor("doc_ids", self.doc_ids, shape=(batch, doc_len), integer=True)
+        if self.prefix_lengths is not None:
+            check_tensor("prefix_lengths", self.prefix_lengths, shape=(batch,), integer=True)
+            check_ids("prefix_lengths", self.prefix_lengths)  # no negative length (a value check)
+
     @staticmethod
     def build(
         batch: int,
@@ -194,28 +219,10 @@ class AttentionSpec:
         device: torch.device | str | None = None,
     ) -> AttentionSpec:
         """Validate the pieces and move ``doc_ids`` / ``prefix_lengths`` to ``device`` (``causal`` stays put)."""
-        doc_len = length
-        if block_size is not None:
-            if length % 2:
-                raise fail("q", "an even length 2L (the rows [x_t ; x_0]) for a block-diffusion layout",
-                           f"length {length}")
-            doc_len = length // 2
-            check_int("block_size", block_size, low=1, high=doc_len)
-            if prefix_lengths is not None:
-                raise fail("prefix_lengths", "None with a block-diffusion layout", describe(prefix_lengths))
-        else:
-            check_untagged(causal)
-        if isinstance(causal, torch.Tensor):
-            check_tensor("causal", causal, shape=(batch,), dtypes=(torch.bool,))
-        elif not isinstance(causal, bool):
-            raise fail("causal", f"a Python bool or a bool tensor of shape [{batch}]", describe(causal))
-        if doc_ids is not None:
-            check_tensor("doc_ids", doc_ids, shape=(batch, doc_len), integer=True)
-            if device is not None:
+        if device is not None:
+            if isinstance(doc_ids, torch.Tensor):
                 doc_ids = doc_ids.to(device, non_blocking=True)
-        if prefix_lengths is not None:
-            check_tensor("prefix_lengths", prefix_lengths, shape=(batch,), integer=True)
-            if device is not None:
+            if isinstance(prefix_lengths, torch.Tensor):
                 prefix_lengths = prefix_lengths.to(device, non_blocking=True)
         return AttentionSpec(batch, length, causal, doc_ids, prefix_lengths, block_size)
 
@@ -322,7 +329,7 @@ class AttentionLayout:
         if isinstance(self.causal, torch.Tensor):
             check_tensor("causal", self.causal, ndim=1, dtypes=(torch.bool,))
         elif not isinstance(self.causal, bool):
-            raise fail("causal", "a Python bool or a [B] bool tensor", describe(self.causal))
+            raise fail_type("causal", "a Python bool or a [B] bool tensor", describe(self.causal))
         if self.doc_ids is not None:
             check_tensor("doc_ids", self.doc_ids, ndim=2, integer=True)
         if self.prefix_lengths is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dualobj._errors import check_int, check_tensor, describe, fail
+from dualobj._errors import check_int, check_tensor, describe, fail_type
 from dualobj.evaluation._likelihood import NLL, head_weight, resolve_head
 from dualobj.objectives import BlockDiffusionObjective
 from dualobj.objectives._batch import IGNORE_INDEX
@@ -103,7 +103,7 @@ def bd_nelbo(
     if doc_ids is not None:
         check_tensor("doc_ids", doc_ids, shape=tuple(tokens.shape), integer=True)
     if not isinstance(bd, BlockDiffusionObjective):
-        raise fail("bd", "a BlockDiffusionObjective", describe(bd))
+        raise fail_type("bd", "a BlockDiffusionObjective", describe(bd))
     check_int("samples", samples, low=1)
     check_int("seed", seed)
     check_int("batch_size", batch_size, low=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dualobj._errors import check_int, check_tensor, fail
+from dualobj._errors import check_int, check_tensor, fail, fail_type
 from dualobj.attention import AttentionLayout, AttentionSpec
 from dualobj.objectives import Batch
 
@@ -76,7 +76,7 @@ def layout_allowed_keys(
     :class:`~dualobj.attention.AttentionLayout` (for example ``batch.layout``) over ``batch`` rows of attended
     length ``length``; ``padding_mask`` as in :func:`allowed_keys`."""
     if not isinstance(layout, AttentionLayout):
-        raise fail("layout", "an AttentionLayout", type(layout).__name__)
+        raise fail_type("layout", "an AttentionLayout", type(layout).__name__)
     return _apply_padding(layout.spec(batch, length, device=device), padding_mask, device)
 
 
@@ -115,9 +115,9 @@ def additive_attention_mask(
         [[True, False, False], [True, True, False], [True, True, True]]
     """
     if not isinstance(batch, Batch):
-        raise fail("batch", "a dualobj Batch", type(batch).__name__)
+        raise fail_type("batch", "a dualobj Batch", type(batch).__name__)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise fail("dtype", "a floating torch.dtype", repr(dtype))
+        raise fail_type("dtype", "a floating torch.dtype", repr(dtype))
     layout = batch.layout
     if prefix_lengths is not None:
         if batch.block_size is not None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dualobj._errors import check_int, check_tensor, describe, fail
+from dualobj._errors import check_ids, check_int, check_tensor, describe, fail
 
 
 def maskable_positions(
@@ -46,6 +46,7 @@ def maskable_positions(
         conditions.append(tokens != pad_id)
     if prompt_lengths is not None:
         check_tensor("prompt_lengths", prompt_lengths, shape=(B,), integer=True)
+        check_ids("prompt_lengths", prompt_lengths)  # no negative length (a value check)
         positions = torch.arange(L, device=tokens.device)
         conditions.append(positions[None, :] >= prompt_lengths.to(tokens.device)[:, None])
     if not conditions:

@@ -23,12 +23,16 @@ from dualobj import _random
 from dualobj._errors import (
     check_bool,
     check_choice,
+    check_finite,
     check_generator,
     check_int,
     check_number,
     check_probability,
+    check_tensor,
     describe,
     fail,
+    fail_type,
+    validation_enabled,
 )
 from dualobj.masking._random import (
     ROUNDINGS,
@@ -64,7 +68,24 @@ class SpanLengths(Protocol):
 
 
 def inverse_cdf(pmf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Lengths ``1..len(pmf)`` from uniform draws ``u`` by inverting the CDF of ``pmf`` (int64, shape of ``u``)."""
+    """Lengths ``1..len(pmf)`` from uniform draws ``u`` by inverting the CDF of ``pmf`` (int64, shape of ``u``).
+
+    Args:
+        pmf: ``[n]`` floating probabilities of the lengths ``1..n``: finite, ``>= 0``, summing to 1 (values are
+            checked while validation is on).
+        u: uniform draws in [0, 1), any shape.
+    """
+    check_tensor("pmf", pmf, ndim=1, floating=True)
+    check_tensor("u", u, floating=True)
+    if pmf.numel() == 0:
+        raise fail("pmf", "at least one probability", describe(pmf))
+    if validation_enabled():
+        check_finite("pmf", pmf)
+        if bool((pmf < 0).any()):
+            raise fail("pmf", "probabilities >= 0", f"a minimum of {float(pmf.min()):g}")
+        total = float(pmf.double().sum())
+        if abs(total - 1.0) > 1e-6:
+            raise fail("pmf", "probabilities summing to 1", f"a sum of {total:g}")
     cdf = pmf.to(device=u.device, dtype=torch.float64).cumsum(0)[:-1]
     return torch.bucketize(u.double(), cdf, right=True) + 1
 
@@ -223,7 +244,8 @@ def span_mask(
         lengths = SPAN_SCHEMES[lengths]()
     tiled = not isinstance(lengths, T5Spans)
     if tiled and not (callable(getattr(lengths, "pmf", None)) and hasattr(lengths, "rounding")):
-        raise fail("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name", describe(lengths))
+        raise fail_type("lengths", "a SpanLengths (UniformSpans, GeometricSpans), a T5Spans or a name",
+                        describe(lengths))
     (B, L), device = resolve_shape(tokens_or_shape)
     rates = resolve_rate(rate, B, device)
     allowed = resolve_maskable(maskable, B, L, device)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dualobj._errors import check_ids, check_int, check_number, check_tensor, describe, fail
+from dualobj._errors import check_ids, check_int, check_number, check_tensor, describe, fail, fail_type
 from dualobj.attention import AttentionLayout, SelfAttention
 from dualobj.attention._module import resolve_layout
 
@@ -112,7 +112,7 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         if not isinstance(config, TransformerConfig):
-            raise fail("config", "a TransformerConfig", describe(config))
+            raise fail_type("config", "a TransformerConfig", describe(config))
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))

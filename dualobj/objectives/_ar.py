@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dualobj._errors import check_int
+from dualobj._errors import check_generator, check_int
 from dualobj.objectives._base import (
     Normalize,
     Objective,
@@ -60,6 +60,7 @@ class ARObjective(Objective):
         """
         B, L = check_tokens(tokens, doc_ids, prompt_lengths)
         check_step(step)
+        check_generator("generator", generator)
         tokens, doc_ids = tokens.long(), as_long(doc_ids)
         device = tokens.device
         target_ok = same_document_next(doc_ids, B, L, device)

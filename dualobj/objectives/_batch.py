@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dualobj._errors import check_int, check_tensor, fail
+from dualobj._errors import check_int, check_tensor, fail, fail_type
 from dualobj.attention._spec import AttentionLayout, tag_block_rows
 
 IGNORE_INDEX = -100
@@ -172,7 +172,7 @@ class Batch:
             raise fail("batches", "a non-empty list of Batch", repr(batches) if not batches else type(batches))
         for i, b in enumerate(batches):
             if not isinstance(b, Batch):
-                raise fail("batches", "a list of Batch", f"{type(b).__name__} at index {i}")
+                raise fail_type("batches", "a list of Batch", f"{type(b).__name__} at index {i}")
         lengths = sorted({b.shape[1] for b in batches})
         if len(lengths) > 1:
             raise fail("batches", "batches of one length L", f"lengths {lengths}")

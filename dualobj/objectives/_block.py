@@ -16,6 +16,7 @@ from dualobj._errors import (
     check_tensor,
     describe,
     fail,
+    fail_type,
     validation_enabled,
 )
 from dualobj.attention import document_positions
@@ -148,7 +149,7 @@ class BlockDiffusionObjective(Objective):
         if pad_id is not None and pad_id == mask_token_id:
             raise fail("mask_token_id", f"an id different from pad_id={pad_id}", mask_token_id)
         if masker is not None and not callable(masker):
-            raise fail("masker", "a callable masker(tokens, rate, *, maskable, generator)", describe(masker))
+            raise fail_type("masker", "a callable masker(tokens, rate, *, maskable, generator)", describe(masker))
         check_choice("t_per", t_per, T_PER)
         check_choice("weighting", weighting, BD_WEIGHTINGS)
         self.t_min = check_number("t_min", t_min, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -200,10 +201,7 @@ class BlockDiffusionObjective(Objective):
         check_generator("generator", generator)
         if self.block_size > L:
             raise fail("block_size", f"an int in [1, L={L}] (the row length)", self.block_size)
-        tokens = tokens.long()
-        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
-            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
-                       "a batch that already contains it")
+        tokens = tokens.long()  # (build refuses tokens that contain mask_token_id)
         maskable = self.eligible(tokens, prompt_lengths=prompt_lengths)
         K = self.num_blocks(L)
         device = tokens.device
@@ -246,7 +244,7 @@ class BlockDiffusionObjective(Objective):
         """The deterministic half of :meth:`prepare`: the batch for a given mask and per-block noise levels.
 
         Args:
-            tokens: ``[B, L]`` clean ids.
+            tokens: ``[B, L]`` clean ids, without ``mask_token_id``.
             mask: ``[B, L]`` bool, True = replaced by ``mask_token_id`` in the noisy half (kept inside ``maskable``).
             t: ``[B, K]`` noise level of each block (clamped to ``[t_min, 1]``).
             maskable: ``[B, L]`` bool, positions that could have been masked (the ``"valid"`` count).
@@ -255,6 +253,9 @@ class BlockDiffusionObjective(Objective):
         """
         B, L = check_tokens(tokens, doc_ids)
         tokens = tokens.long()
+        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
+            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
+                       "a batch that already contains it")
         K = self.num_blocks(L)
         check_tensor("mask", mask, shape=(B, L), dtypes=(torch.bool,))
         check_tensor("t", t, shape=(B, K), floating=True)

@@ -363,10 +363,7 @@ class MDObjective(Objective):
         B, L = check_tokens(tokens, doc_ids, prompt_lengths)
         if step is not None:
             check_int("step", step, low=0)
-        tokens = tokens.long()
-        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
-            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
-                       "a batch that already contains it")
+        tokens = tokens.long()  # (build refuses tokens that contain mask_token_id)
         device = tokens.device
         maskable = self.eligible(tokens, doc_ids=doc_ids, prompt_lengths=prompt_lengths)
         if self.weighting == "none":
@@ -486,7 +483,7 @@ class MDObjective(Objective):
         """The deterministic half of :meth:`prepare`: the batch for a given mask, noise level and row weight.
 
         Args:
-            tokens: ``[B, L]`` clean ids (any integer dtype).
+            tokens: ``[B, L]`` clean ids (any integer dtype), without ``mask_token_id``.
             mask: ``[B, L]`` bool, True = masked and scored (only positions inside ``maskable`` count).
             t: ``[B]`` noise levels (recorded in the batch).
             maskable: ``[B, L]`` bool, the positions that could have been masked (the ``"valid"`` count).
@@ -501,6 +498,9 @@ class MDObjective(Objective):
         """
         check_tensor("tokens", tokens, ndim=2, integer=True)
         tokens = tokens.long()
+        if validation_enabled() and bool((tokens == self.mask_token_id).any()):
+            raise fail("tokens", f"clean ids without mask_token_id={self.mask_token_id}",
+                       "a batch that already contains it")
         B, L = tokens.shape
         check_tensor("mask", mask, shape=(B, L), dtypes=(torch.bool,))
         check_tensor("t", t, shape=(B,), floating=True)

@@ -252,6 +252,8 @@ class Mixture(Objective):
             check_int("rank", rank, low=0)
         if world_size is not None:
             check_int("world_size", world_size, low=1)
+            if rank is not None and rank >= world_size:
+                raise fail("rank", f"an int in [0, world_size={world_size})", repr(rank))
         self.names = tuple(name for name, _, _ in triples)
         self.objectives = {name: obj for name, obj, _ in triples}
         self.weights = {name: w for name, _, w in triples}

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from dualobj._errors import check_number, check_tensor, describe, fail, validation_enabled
+from dualobj._errors import check_number, check_tensor, describe, fail, fail_type, validation_enabled
 
 HALF_PI = math.pi / 2.0
 
@@ -411,9 +411,9 @@ class AutogradSchedule(NoiseScheduleBase):
 
     def _check_fields(self) -> None:
         if not callable(self.alpha_fn):
-            raise fail("alpha_fn", "a callable t -> alpha(t)", describe(self.alpha_fn))
+            raise fail_type("alpha_fn", "a callable t -> alpha(t)", describe(self.alpha_fn))
         if self.inverse is not None and not callable(self.inverse):
-            raise fail("inverse", "a callable rate -> t or None", describe(self.inverse))
+            raise fail_type("inverse", "a callable rate -> t or None", describe(self.inverse))
         # An increasing α(t) would give negative ELBO weights w(t) = −α'(t)/(1 − α(t)): refuse it up front.
         grid = torch.linspace(0.0, 1.0, _GRID, dtype=torch.float64)
         values = self._eval(grid)

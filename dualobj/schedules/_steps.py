@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dualobj._errors import check_int, check_number, check_probability, describe, fail
+from dualobj._errors import check_int, check_number, check_probability, describe, fail, fail_type
 
 StepSchedule = Callable[[int], float]
 """A schedule: ``step (int >= 0) -> value (float in [0, 1])``."""
@@ -118,7 +118,7 @@ class Join:
             raise fail("schedules", "at least one schedule", "an empty sequence")
         for i, s in enumerate(schedules):
             if not callable(s):
-                raise fail(f"schedules[{i}]", "a callable step -> value", describe(s))
+                raise fail_type(f"schedules[{i}]", "a callable step -> value", describe(s))
         if len(boundaries) != len(schedules) - 1:
             raise fail("boundaries", f"{len(schedules) - 1} boundaries for {len(schedules)} schedules",
                        f"{len(boundaries)}: {list(boundaries)}")
