@@ -147,6 +147,8 @@ def cross_entropy(
     check_number("z_loss", z_loss, low=0)
     check_choice("normalize", normalize, NORMALIZERS)
     V = logits.shape[-1]
+    if V == 0:
+        raise fail("logits", "a vocabulary dimension V >= 1", f"shape {list(logits.shape)}")
     check_labels(batch.labels, V)
     check_finite("logits", logits)
     check_finite("batch.weights", batch.weights)
