@@ -38,6 +38,11 @@ def stdlib():
     return stdlib_corpus()
 
 
+@pytest.fixture(scope="module")
+def stdlib_families(stdlib):
+    return near_duplicate_families(stdlib.documents)
+
+
 @given(st.binary(max_size=64), st.text(max_size=32))
 @settings(max_examples=50, deadline=None)
 def test_tokenizer_round_trip_and_range(data, text):
@@ -292,8 +297,8 @@ def test_near_duplicate_families_are_the_components_of_the_shared_window_relatio
     assert got == brute_families(docs, min_shared)
 
 
-def test_stdlib_code_page_tables_form_one_family(stdlib):
-    families = near_duplicate_families(stdlib.documents)
+def test_stdlib_code_page_tables_form_one_family(stdlib, stdlib_families):
+    families = stdlib_families
     assert sorted(n for f in families for n in f) == sorted(d.name for d in stdlib.documents)
     of = {n: f for f in families for n in f}
     assert "encodings/cp850.py" in of["encodings/cp858.py"] and "encodings/cp437.py" in of["encodings/cp858.py"]
@@ -315,12 +320,12 @@ def test_cut_documents_gives_the_documents_back(texts, pieces):
             assert piece.text.endswith(b"\n") or (len(piece.text) == size and b"\n" not in piece.text)
 
 
-def test_split_heldout_keeps_families_together_and_is_deterministic(stdlib):
+def test_split_heldout_keeps_families_together_and_is_deterministic(stdlib, stdlib_families):
     split = split_heldout(stdlib)
     sides = {"train": split.train, "validation": split.validation, "test": split.test}
     names = {k: {d.name for d in v} for k, v in sides.items()}
     assert sorted(n for v in names.values() for n in v) == sorted(d.name for d in stdlib.documents)
-    for family in near_duplicate_families(stdlib.documents):
+    for family in stdlib_families:
         assert sum(bool(set(family) & v) for v in names.values()) == 1, family
     assert 0.02 < len(split.test) / len(stdlib) < 0.1 and 0.02 < len(split.validation) / len(stdlib) < 0.1
     again = split_heldout(Corpus(tuple(reversed(stdlib.documents)), "reversed"))

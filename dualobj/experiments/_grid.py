@@ -237,6 +237,7 @@ class CellData:
     test: EvalRows
     test_hashes: torch.Tensor = field(repr=False)
     questions: list = field(repr=False)
+    train_overlap: float | None = None  # computed once, by check_data
 
 
 @functools.lru_cache(maxsize=2)
@@ -295,6 +296,8 @@ def check_data(config: GridConfig) -> dict:
                    "tokens (lower --budget or raise the smallest --repetitions)",
                    f"{data.train.num_tokens:,} after holding out validation and test text")
     elbo_rows = max(1, config.elbo_tokens // config.seq_len)
+    if data.train_overlap is None:
+        data.train_overlap = window_overlap(data.test_hashes, text_window_hashes(data.split.train.documents))
     return {
         "train_tokens": data.train.num_tokens,
         "files": {"train": len(data.split.train), "validation": len(data.split.validation),
@@ -306,7 +309,7 @@ def check_data(config: GridConfig) -> dict:
         "max_file_share": data.test.max_file_share(),
         "max_file_share_elbo": data.test.max_file_share(elbo_rows),
         "max_file_share_validation": data.validation.max_file_share(),
-        "test_window_overlap_train": window_overlap(data.test_hashes, text_window_hashes(data.split.train.documents)),
+        "test_window_overlap_train": data.train_overlap,
         "probe_questions": len(data.questions),
     }
 
