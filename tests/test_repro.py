@@ -187,7 +187,8 @@ def test_cli_runs_the_quick_preset(tiny, tmp_path, monkeypatch, corpus_dir):
     assert payload["config"]["data"] == str(corpus_dir.resolve())
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "empty-folder", "alphas", "grid"])
+@pytest.mark.parametrize("case", ["missing", "empty", "empty-folder", "alphas", "grid", "objectives",
+                                  "no-objectives", "jobs"])
 def test_cli_errors(case, tmp_path):
     args = ["repro", "--out", str(tmp_path / "out"), "--jobs", "1"]
     if case == "missing":
@@ -204,6 +205,15 @@ def test_cli_errors(case, tmp_path):
     elif case == "alphas":
         args += ["--alphas", "1,x"]
         word = "alphas"
+    elif case == "objectives":
+        args += ["--objectives", "ar,bd3"]
+        word = "objectives"
+    elif case == "no-objectives":
+        args += ["--objectives", ","]
+        word = "objectives"
+    elif case == "jobs":
+        args = [a if a != "1" else "0" for a in args]
+        word = "jobs"
     else:
         args += ["--grid", "huge"]
         word = "grid"
@@ -494,3 +504,20 @@ def test_sigterm_stops_the_run_and_leaves_no_process(corpus_dir, tmp_path):
     assert _wait_until(lambda: not any(_alive(p) for p in workers), 10), "a worker outlived the run"
     with folder_lock(out):  # the lock is free again
         pass
+
+
+def test_a_cell_failing_in_a_worker_is_reported_and_nothing_is_left_running(tiny, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny.data, corpus)
+    config = dataclasses.replace(tiny, data=str(corpus), repetitions=(2,))
+    check_data(config)  # cached in this process: the run starts, then the workers cannot read the data
+    shutil.rmtree(corpus)
+    with pytest.raises(DualObjError, match="cell") as info:
+        run_grid(config, tmp_path / "out", jobs=2)
+    assert "does not exist" in str(info.value)
+    assert load_results(tmp_path / "out")["cells"] == {}
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []

@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
             run_grid,
             summarize,
         )
-        from dualobj.experiments._runner import Stopped
+        from dualobj.experiments._runner import Stopped, prepare_out
 
         console = Console(stderr=as_json)
         if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each
@@ -132,6 +132,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]dualobj repro[/] grid={name}: {' + '.join(axes)} × {len(config.repetitions)} R "
                           f"× {config.seeds} seeds = {len(cells)} models, {config.budget:,} tokens each, "
                           f"{n_jobs} worker(s); results in {out}")
+            prepare_out(out)  # a bad --out is reported before the data is read
             held = check_data(config)  # before any training: splits, sizes, probe
             console.print(
                 f"held-out: {held['files']['test']} test / {held['files']['validation']} validation / "

@@ -134,12 +134,14 @@ class GridConfig:
                        f"{self.seq_len * self.batch_size * max(self.repetitions)} tokens", self.budget)
 
     def cells(self) -> list[Cell]:
-        """Every cell, largest R first (the slowest to show its result), then α descending, then the objective
-        axis in the order given, each with every seed."""
+        """Every cell: largest R first (the slowest to show its result); within an R, seed 0 of every α (descending)
+        and then of every objective (in the order given), then seed 1, and so on, so that a grid stopped early
+        already covers both axes."""
         out = []
         for r in sorted(self.repetitions, reverse=True):
-            out += [Cell(a, r, s) for a in self.alphas for s in range(self.seeds)]
-            out += [Cell(None, r, s, name) for name in self.objectives for s in range(self.seeds)]
+            for s in range(self.seeds):
+                out += [Cell(a, r, s) for a in self.alphas]
+                out += [Cell(None, r, s, name) for name in self.objectives]
         return out
 
     def training_settings(self) -> dict:

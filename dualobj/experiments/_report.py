@@ -7,9 +7,10 @@ import statistics
 from pathlib import Path
 
 METRICS = ("ar_final", "ar_min", "ar_test_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix",
-           "probe_md")
-"""Summarised values: held-out bits per byte (lower is better) and probe accuracies (higher is better). A row holds
-only the metrics its cells have (the probe modes are a setting)."""
+           "probe_md", "window_overlap")
+"""Summarised values: test-split bits per byte (lower is better), probe accuracies (higher is better) and the share
+of test windows found in the training subset. A row holds only the metrics its cells have (the probe modes are a
+setting)."""
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

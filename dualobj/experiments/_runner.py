@@ -195,7 +195,12 @@ def _lock_file(f, wait: bool) -> bool:
         return False
 
 
-def _prepare_out(out: str | os.PathLike) -> Path:
+def prepare_out(out: str | os.PathLike) -> Path:
+    """Create the output folder ``out`` if needed and check that it can be written.
+
+    Raises:
+        DualObjError: ``out`` is a file, lies under a file, cannot be created or is not writable.
+    """
     if not isinstance(out, (str, os.PathLike)):
         raise fail("out", "a folder path", describe(out))
     path = Path(out).expanduser()
@@ -267,7 +272,7 @@ def run_grid(
     jobs = check_int("jobs", jobs, low=1)
     if max_cells is not None:
         max_cells = check_int("max_cells", max_cells, low=0)
-    path_out = _prepare_out(out)
+    path_out = prepare_out(out)
     with _sigterm_as_interrupt():
         heldout = check_data(config)
         with folder_lock(path_out, wait=wait):
@@ -362,12 +367,15 @@ def _run_workers(config: GridConfig, todo: list[Cell], jobs: int, save: Callable
                 kind, key, payload = events.get(timeout=0.25)
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead or all(w.exitcode is not None for w in workers):
+                if not dead and any(w.exitcode is None for w in workers):
+                    continue
+                try:  # a worker has stopped: read what it sent before it did
+                    kind, key, payload = events.get(timeout=1.0)
+                except queue.Empty:
                     code = dead[0].exitcode if dead else 0
                     raise fail("jobs", "worker processes that finish their cells",
                                f"a worker that exited with code {code} before "
                                f"{len(by_key)} cell(s) were done") from None
-                continue
             if kind == "progress":
                 if on_progress is not None and key in by_key:
                     on_progress(by_key[key], *payload)
