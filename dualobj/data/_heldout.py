@@ -323,7 +323,9 @@ def evaluation_rows(
     so documents shorter than a row give none). Documents are visited in a seeded hash order; round ``r`` takes one
     not-yet-used row of every document that has more than ``r`` rows (which of its rows is fixed by a seeded
     permutation, so rows come from anywhere in a file, not only its start). Every prefix of the result is balanced
-    the same way: with ``F`` usable documents, no document gives more than ``⌈n / F⌉`` of the first ``n`` rows.
+    the same way: among the first ``n`` rows, a document gives at most one row more than any other document that
+    still has unused rows (with ``F`` documents of at least ``⌈n / F⌉`` rows each, none gives more than
+    ``⌈n / F⌉``).
 
     Args:
         corpus: held-out documents.
