@@ -128,6 +128,18 @@ def test_bad_paths_and_empty_files(tmp_path):
         load_corpus(folder)
     with pytest.raises(DualObjError, match="data"):
         load_corpus(3)
+    locked = tmp_path / "locked.txt"
+    locked.write_text("text\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(locked), "read_bytes", refuse)
+        with pytest.raises(DualObjError, match=r"readable text files.*Permission denied"):
+            load_corpus(locked)
+        with pytest.raises(DualObjError, match="readable text files"):
+            load_corpus(tmp_path)
 
 
 def brute_pack(texts: list[bytes], L: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -305,7 +305,7 @@ def test_data_too_small_for_the_grid_fails_before_training(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["under-file", "is-file", "binary", "not-json", "list", "cells-list", "cell-scalar",
-                                  "results-dir", "unwritable"])
+                                  "results-dir", "unwritable", "uncreatable"])
 def test_output_folder_problems_are_clear_errors(case, tiny, tmp_path, corpus_dir, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -328,6 +328,12 @@ def test_output_folder_problems_are_clear_errors(case, tiny, tmp_path, corpus_di
         results.write_text('{"version": 2, "settings": {}, "cells": {"x/a=1,R=2,seed=0": 3}}')
     elif case == "results-dir":
         results.mkdir()
+    elif case == "uncreatable":
+        import os
+
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("needs a Linux sysfs, where no one may create a folder")
+        out = "/sys/dualobj-out"
     else:
         import os
 

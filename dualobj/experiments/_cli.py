@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/] {err}")
             raise typer.Exit(2) from err
         except OSError as err:
-            console.print(f"[red]error:[/] out: {err.strerror or err} ({getattr(err, 'filename', None) or out})")
+            console.print(f"[red]error:[/] {getattr(err, 'filename', None) or out}: {err.strerror or err}")
             raise typer.Exit(2) from err
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)
