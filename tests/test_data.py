@@ -9,23 +9,38 @@ from hypothesis import strategies as st
 
 from dualobj import DualObjError
 from dualobj.data import (
+    WINDOW,
     ByteTokenizer,
     Corpus,
     Document,
     Packed,
+    cut_documents,
+    evaluation_rows,
     heldout_score,
     load_corpus,
+    near_duplicate_families,
     pack,
     repetition_subset,
+    row_window_hashes,
     shuffled,
+    source_name,
     split_corpus,
+    split_heldout,
     stdlib_corpus,
+    text_window_hashes,
+    window_hashes,
+    window_overlap,
 )
 
 
 @pytest.fixture(scope="module")
 def stdlib():
     return stdlib_corpus()
+
+
+@pytest.fixture(scope="module")
+def stdlib_families(stdlib):
+    return near_duplicate_families(stdlib.documents)
 
 
 @given(st.binary(max_size=64), st.text(max_size=32))
@@ -113,6 +128,18 @@ def test_bad_paths_and_empty_files(tmp_path):
         load_corpus(folder)
     with pytest.raises(DualObjError, match="data"):
         load_corpus(3)
+    locked = tmp_path / "locked.txt"
+    locked.write_text("text\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(locked), "read_bytes", refuse)
+        with pytest.raises(DualObjError, match=r"readable text files.*Permission denied"):
+            load_corpus(locked)
+        with pytest.raises(DualObjError, match="readable text files"):
+            load_corpus(tmp_path)
 
 
 def brute_pack(texts: list[bytes], L: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -189,3 +216,192 @@ def test_repetition_subset_errors():
         repetition_subset(stream, 10_000, 1)
     with pytest.raises(DualObjError, match="batch_size"):
         next(repetition_subset(stream, 100, 2).batches(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The held-out set: window hashes, near-duplicate families, the three-way split, rows sampled across files.
+
+P64 = 1099511628211
+
+
+def brute_hash(window: list[int]) -> int:
+    h = 0
+    for x in window:
+        h = (h * P64 + x) % 2**64
+    return h - 2**64 if h >= 2**63 else h
+
+
+@given(st.lists(st.integers(0, 300), max_size=40), st.integers(1, 40))
+@settings(max_examples=60, deadline=None)
+def test_window_hashes_equal_the_polynomial_mod_2_64(values, width):
+    got = window_hashes(torch.tensor(values, dtype=torch.long), width).tolist()
+    want = [brute_hash(values[i:i + width]) for i in range(len(values) - width + 1)]
+    assert got == want
+
+
+def brute_windows(text: bytes, w: int = WINDOW) -> list[bytes]:
+    return [text[i:i + w] for i in range(len(text) - w + 1)]
+
+
+@given(st.lists(st.binary(min_size=0, max_size=80), min_size=1, max_size=4),
+       st.lists(st.binary(min_size=0, max_size=80), min_size=1, max_size=4), st.binary(min_size=32, max_size=50))
+@settings(max_examples=40, deadline=None)
+def test_window_overlap_equals_a_set_of_byte_windows(test_texts, train_texts, shared):
+    # Plant a shared passage so that overlaps are neither always 0 nor always 1.
+    test_texts = [*test_texts, b"x" + shared + b"y"]
+    train_texts = [*train_texts, shared]
+    train_docs = [Document(f"t{i}", t) for i, t in enumerate(train_texts)]
+    # Test rows: each test text is one row of one document, padded with BOS ids (specials) to a common length.
+    L = max(len(t) for t in test_texts) + 1
+    tokens = torch.full((len(test_texts), L), 1, dtype=torch.long)
+    for r, t in enumerate(test_texts):
+        tokens[r, 1:1 + len(t)] = torch.tensor(list(t), dtype=torch.long) + 4
+    rows = Packed(tokens, torch.arange(len(test_texts))[:, None].expand(-1, L).clone())
+    reference = {w for t in train_texts for w in brute_windows(t)}
+    test_windows = [w for t in test_texts for w in brute_windows(t)]
+    want = sum(w in reference for w in test_windows) / len(test_windows)
+    got = window_overlap(row_window_hashes(rows), text_window_hashes(train_docs))
+    assert got == pytest.approx(want, abs=1e-12)
+    assert row_window_hashes(rows).numel() == len(test_windows)
+
+
+def test_row_windows_stop_at_documents_and_specials():
+    ids = torch.tensor([[1, *range(10, 50)], [*range(60, 80), 1, *range(80, 100)]])
+    docs = torch.tensor([[0] * 41, [0] * 20 + [1] * 21])
+    h = row_window_hashes(Packed(ids, docs), width=8)
+    # Row 0: 40 byte ids after BOS: 33 windows. Row 1: 20 + 20 ids around a BOS and a document change: 13 + 13.
+    assert h.numel() == 33 + 13 + 13
+    assert window_overlap(torch.zeros(0, dtype=torch.long), h) == 0.0
+
+
+def brute_families(docs, min_shared):
+    sets = [set(brute_windows(d.text)) for d in docs]
+    parent = list(range(len(docs)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a in range(len(docs)):
+        for b in range(a + 1, len(docs)):
+            small = min(len(sets[a]), len(sets[b]))
+            if small and len(sets[a] & sets[b]) >= min_shared * small:
+                parent[root(b)] = root(a)
+    groups = {}
+    for i, d in enumerate(docs):
+        groups.setdefault(root(i), []).append(d.name)
+    return sorted((tuple(sorted(g)) for g in groups.values()), key=lambda g: g[0])
+
+
+@given(st.lists(st.binary(min_size=40, max_size=120), min_size=1, max_size=4), st.data())
+@settings(max_examples=30, deadline=None)
+def test_near_duplicate_families_are_the_components_of_the_shared_window_relation(bases, data):
+    docs = []
+    for i, base in enumerate(bases):
+        docs.append(Document(f"b{i}", base))
+        for k in range(data.draw(st.integers(0, 2))):  # variants: one edited byte, a prefix or a suffix kept
+            cut = data.draw(st.integers(0, len(base) - 1))
+            variant = base[:cut] + bytes([(base[cut] + 1) % 256]) + base[cut + 1:] if k == 0 else base[cut:] + b"z"
+            docs.append(Document(f"b{i}v{k}", variant))
+    min_shared = data.draw(st.sampled_from([0.3, 0.6, 1.0]))
+    got = near_duplicate_families(docs, min_shared=min_shared, sample_bits=0, max_fanout=len(docs) + 1)
+    assert got == brute_families(docs, min_shared)
+
+
+def test_stdlib_code_page_tables_form_one_family(stdlib, stdlib_families):
+    families = stdlib_families
+    assert sorted(n for f in families for n in f) == sorted(d.name for d in stdlib.documents)
+    of = {n: f for f in families for n in f}
+    assert "encodings/cp850.py" in of["encodings/cp858.py"] and "encodings/cp437.py" in of["encodings/cp858.py"]
+    assert of["os.py"] == ("os.py",) or len(of["os.py"]) < 5
+
+
+@given(st.lists(st.text(alphabet="ab \n", min_size=1, max_size=60), min_size=1, max_size=5), st.integers(1, 30))
+@settings(max_examples=50, deadline=None)
+def test_cut_documents_gives_the_documents_back(texts, pieces):
+    corpus = Corpus(tuple(Document(f"d{i}.txt", t.encode()) for i, t in enumerate(texts)), "x")
+    cut = cut_documents(corpus, pieces)
+    size = -(-corpus.num_bytes // pieces)
+    for doc in corpus.documents:
+        mine = sorted((d for d in cut.documents if source_name(d.name) == doc.name),
+                      key=lambda d: int(d.name.rsplit("#", 1)[1]))
+        assert b"".join(d.text for d in mine) == doc.text
+        for piece in mine[:-1]:
+            assert 0 < len(piece.text) <= size
+            assert piece.text.endswith(b"\n") or (len(piece.text) == size and b"\n" not in piece.text)
+
+
+def test_split_heldout_keeps_families_together_and_is_deterministic(stdlib, stdlib_families):
+    split = split_heldout(stdlib)
+    sides = {"train": split.train, "validation": split.validation, "test": split.test}
+    names = {k: {d.name for d in v} for k, v in sides.items()}
+    assert sorted(n for v in names.values() for n in v) == sorted(d.name for d in stdlib.documents)
+    for family in stdlib_families:
+        assert sum(bool(set(family) & v) for v in names.values()) == 1, family
+    assert 0.02 < len(split.test) / len(stdlib) < 0.1 and 0.02 < len(split.validation) / len(stdlib) < 0.1
+    again = split_heldout(Corpus(tuple(reversed(stdlib.documents)), "reversed"))
+    assert {d.name for d in again.test} == names["test"] and {d.name for d in again.validation} == names["validation"]
+    assert not split.pieces and split.families < len(stdlib)
+
+
+def test_split_heldout_cuts_one_file_and_meets_the_minimum_sizes(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_text("".join(f"line {i} of a long single text file, with some words\n" for i in range(6000)))
+    corpus = load_corpus(f)
+    split = split_heldout(corpus, min_test_bytes=40_000, min_validation_bytes=20_000)
+    assert split.pieces and split.test.num_bytes >= 40_000 and split.validation.num_bytes >= 20_000
+    assert split.train.num_bytes + split.validation.num_bytes + split.test.num_bytes == corpus.num_bytes
+    with pytest.raises(DualObjError, match="test split"):
+        split_heldout(corpus, min_test_bytes=10**7)
+    with pytest.raises(DualObjError, match="validation_fraction"):
+        split_heldout(corpus, test_fraction=0.6, validation_fraction=0.5)
+
+
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=8), st.integers(2, 12), st.integers(1, 60),
+       st.integers(0, 3))
+@settings(max_examples=50, deadline=None)
+def test_evaluation_rows_are_slices_of_files_balanced_across_files(lengths, L, rows, seed):
+    docs = [Document(f"f{i}", bytes((7 * i + j) % 251 for j in range(n))) for i, n in enumerate(lengths)]
+    chunks = {d.name: (len(d.text) + 1) // L for d in docs}
+    if not any(chunks.values()):
+        with pytest.raises(DualObjError, match="seq_len"):
+            evaluation_rows(Corpus(tuple(docs), "x"), L, L * rows, seed=seed)
+        return
+    ev = evaluation_rows(Corpus(tuple(docs), "x"), L, L * rows, seed=seed)
+    assert len(ev.rows) == min(rows, sum(chunks.values()))
+    by_name = {d.name: d for d in docs}
+    seen = set()
+    for r, name in enumerate(ev.sources):
+        stream = [1, *(b + 4 for b in by_name[name].text)]
+        row = ev.rows.tokens[r].tolist()
+        starts = [k for k in range(0, len(stream) - L + 1, L) if stream[k:k + L] == row]
+        assert starts, "every row is one whole-row slice of its file"
+        seen.add((name, row[0], tuple(row)))
+    assert len(seen) == len(ev.sources)  # no row twice
+    # Every prefix is balanced: a file gives two more rows than another only once that one has run out.
+    for n in range(1, len(ev.sources) + 1):
+        counts = {k: 0 for k in chunks if chunks[k]}
+        for s in ev.sources[:n]:
+            counts[s] += 1
+        for a in counts:
+            for b in counts:
+                assert counts[a] <= counts[b] + 1 or counts[b] == chunks[b]
+        assert ev.max_file_share(n) == max(counts.values()) / n
+
+
+def test_quick_preset_heldout_set_is_spread_and_clean():
+    from dualobj.experiments import PRESETS, cell_data, check_data
+
+    config = PRESETS["quick"]
+    stats = check_data(config)
+    assert stats["max_file_share"] <= 0.10 and stats["max_file_share_elbo"] <= 0.10
+    assert stats["max_file_share_validation"] <= 0.10
+    assert stats["test_tokens"] == config.heldout_tokens and stats["probe_questions"] >= 278
+    data = cell_data(config)
+    test_names = {d.name for d in data.split.test} | {d.name for d in data.split.validation}
+    assert "encodings/cp858.py" not in test_names or "encodings/cp850.py" in test_names
+    # The quick grid's R = 32 training subset shares almost no 32-byte window with the test text.
+    subset = repetition_subset(data.train, config.budget, 32)
+    assert window_overlap(data.test_hashes, row_window_hashes(subset.unique)) < 0.03
+    assert 0 < stats["test_window_overlap_train"] < 0.3

@@ -81,6 +81,14 @@ def _looks_binary(text: bytes) -> bool:
     return b"\x00" in text[:8192]
 
 
+def _read(file: Path, given: object) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise fail("data", "readable text files",
+                   f"{str(file)!r} ({err.strerror or err}) under {str(given)!r}") from err
+
+
 def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
     """Load the user's text files, or the default corpus when ``path`` is ``None``.
 
@@ -92,8 +100,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
         A :class:`Corpus`; document names are relative to the folder (the file's own name for a file).
 
     Raises:
-        DualObjError: the path does not exist; the file is empty (or only whitespace) or binary; the folder holds
-            no non-empty text file.
+        DualObjError: the path does not exist; a file cannot be read; the file is empty (or only whitespace) or
+            binary; the folder holds no non-empty text file.
     """
     if path is None:
         return stdlib_corpus()
@@ -103,7 +111,7 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
     if not p.exists():
         raise fail("data", "an existing text file or folder", f"{str(path)!r}, which does not exist")
     if p.is_file():
-        text = p.read_bytes()
+        text = _read(p, path)
         if not text.strip():
             raise fail("data", "a non-empty text file", f"{str(path)!r}, which is empty")
         if _looks_binary(text):
@@ -116,7 +124,7 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
         rel = f.relative_to(p)
         if any(part.startswith(".") for part in rel.parts) or not f.is_file():
             continue
-        text = f.read_bytes()
+        text = _read(f, path)
         if text.strip() and not _looks_binary(text):
             docs.append(Document(rel.as_posix(), text))
     if not docs:

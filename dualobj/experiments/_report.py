@@ -6,8 +6,11 @@ import math
 import statistics
 from pathlib import Path
 
-METRICS = ("ar_final", "ar_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix", "probe_md")
-"""Summarised values: held-out bits per byte (lower is better) and probe accuracies (higher is better)."""
+METRICS = ("ar_final", "ar_min", "ar_test_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix",
+           "probe_md", "window_overlap")
+"""Summarised values: test-split bits per byte (lower is better), probe accuracies (higher is better) and the share
+of test windows found in the training subset. A row holds only the metrics its cells have (the probe modes are a
+setting)."""
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -16,37 +19,64 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _ident(cell: dict) -> float | str:
+    """A cell's point on its axis: α on the α axis, the objective's name on the objective axis."""
+    objective = cell.get("objective", "dual")
+    return cell["alpha"] if objective == "dual" else objective
+
+
+def _value(cell: dict, metric: str) -> float | None:
+    if metric.startswith("probe_"):
+        return cell.get("probe", {}).get(metric.removeprefix("probe_"))
+    return cell.get(metric)
+
+
 def summarize(record: dict) -> dict:
-    """Mean and standard deviation over seeds for every (R, α) present, and the best α per R.
+    """Mean and standard deviation over seeds for every (R, α) and (R, objective) present, and the best per R.
 
     Args:
-        record: the results record of :func:`dualobj.experiments.run_grid`.
+        record: ``{"cells": {key: result}}`` (the cells of one setting, e.g. from
+            :func:`dualobj.experiments.grid_cells`).
 
     Returns:
-        ``{"rows": [{"repetitions", "alpha", "seeds", "<metric>": [mean, std], "ar_rise": [...], ...}],
-        "best": {R: {"ar_final": α, "ar_min": α, "md_elbo": α}}}``, rows sorted by R then α descending.
-        ``ar_rise`` is the final minus the minimum held-out AR loss (how far the curve climbed back).
+        ``{"rows": [{"repetitions", "alpha", "objective", "seeds", "<metric>": [mean, std], "ar_rise": [...], ...}],
+        "best": {R: {"ar_final": α or name, "ar_min": ..., "md_elbo": ...}}}``, rows sorted by R, then the α axis
+        (α descending), then the objective axis by name. ``ar_rise`` is the final minus the early-stopped
+        held-out AR loss (how far the curve climbed back). ``alpha`` is ``None`` on the objective axis.
     """
-    groups: dict[tuple[int, float], list[dict]] = {}
+    groups: dict[tuple[int, float | str], list[dict]] = {}
     for cell in record.get("cells", {}).values():
-        groups.setdefault((cell["repetitions"], cell["alpha"]), []).append(cell)
+        groups.setdefault((cell["repetitions"], _ident(cell)), []).append(cell)
+
+    def order(item: tuple) -> tuple:
+        (R, ident), _ = item
+        return (R, 0, -ident, "") if not isinstance(ident, str) else (R, 1, 0.0, ident)
+
     rows = []
-    for (R, alpha), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        row = {"repetitions": R, "alpha": alpha, "seeds": len(cells),
+    for (R, ident), cells in sorted(groups.items(), key=order):
+        row = {"repetitions": R, "alpha": None if isinstance(ident, str) else ident,
+               "objective": ident if isinstance(ident, str) else "dual", "seeds": len(cells),
                "unique_tokens": cells[0]["unique_tokens"]}
         for m in METRICS:
-            if m.startswith("probe_"):
-                values = [c["probe"][m.removeprefix("probe_")] for c in cells]
-            else:
-                values = [c[m] for c in cells]
-            row[m] = list(_mean_std(values))
+            values = [_value(c, m) for c in cells]
+            if values and all(v is not None for v in values):
+                row[m] = list(_mean_std(values))
         row["ar_rise"] = list(_mean_std([c["ar_final"] - c["ar_min"] for c in cells]))
         rows.append(row)
-    best: dict[int, dict[str, float]] = {}
+    best: dict[int, dict[str, float | str]] = {}
     for R in sorted({r["repetitions"] for r in rows}):
         at_r = [r for r in rows if r["repetitions"] == R]
-        best[R] = {m: min(at_r, key=lambda r, m=m: r[m][0])["alpha"] for m in ("ar_final", "ar_min", "md_elbo")}
+        best[R] = {m: _row_ident(min(at_r, key=lambda r, m=m: r[m][0])) for m in ("ar_final", "ar_min", "md_elbo")}
     return {"rows": rows, "best": best}
+
+
+def _row_ident(row: dict) -> float | str:
+    return row["alpha"] if row["objective"] == "dual" else row["objective"]
+
+
+def row_label(row: dict) -> str:
+    """``"3/4"`` for a row of the α axis, the objective's name for a row of the objective axis."""
+    return alpha_label(row["alpha"]) if row["objective"] == "dual" else row["objective"]
 
 
 def alpha_label(alpha: float) -> str:
@@ -58,12 +88,12 @@ def alpha_label(alpha: float) -> str:
     return f"{alpha:.3g}"
 
 
-def render_table(summary: dict, *, title: str = "dualobj repro: held-out bits per byte (mean ± std over seeds)"):
+def render_table(summary: dict, *, title: str = "dualobj repro: test-split bits per byte (mean ± std over seeds)"):
     """A ``rich.table.Table`` of the summary; ★ marks the best α per R (lowest mean) for each loss column."""
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for name, justify in (("R", "right"), ("unique", "right"), ("α", "right"), ("AR final", "right"),
+    for name, justify in (("R", "right"), ("unique", "right"), ("α / objective", "right"), ("AR final", "right"),
                           ("AR min", "right"), ("rise", "right"), ("MD ELBO", "right"),
                           ("prefix / causal", "right"), ("probe ar/prefix/md", "right"), ("seeds", "right")):
         table.add_column(name, justify=justify)
@@ -78,12 +108,12 @@ def render_table(summary: dict, *, title: str = "dualobj repro: held-out bits pe
         def cell(metric: str, row: dict = row, best: dict = best) -> str:
             mean, std = row[metric]
             text = f"{mean:.3f} ± {std:.3f}" if row["seeds"] > 1 else f"{mean:.3f}"
-            return f"[bold green]{text} ★[/]" if best.get(metric) == row["alpha"] else text
+            return f"[bold green]{text} ★[/]" if best.get(metric) == _row_ident(row) else text
 
         rise = row["ar_rise"][0]
-        probe = "/".join(f"{row[m][0]:.2f}" for m in ("probe_ar", "probe_prefix", "probe_md"))
+        probe = "/".join(f"{row[m][0]:.2f}" if m in row else "–" for m in ("probe_ar", "probe_prefix", "probe_md"))
         table.add_row(
-            str(R), f"{row['unique_tokens'] / 1000:.0f}K", alpha_label(row["alpha"]), cell("ar_final"),
+            str(R), f"{row['unique_tokens'] / 1000:.0f}K", row_label(row), cell("ar_final"),
             cell("ar_min"), f"{rise:+.3f}", cell("md_elbo"), f"{row['prefix'][0]:.3f} / {row['prefix_causal'][0]:.3f}",
             probe, str(row["seeds"]),
         )
@@ -109,24 +139,28 @@ def plot(record: dict, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     cells = list(record["cells"].values())
     reps = sorted({c["repetitions"] for c in cells})
-    alphas = sorted({c["alpha"] for c in cells}, reverse=True)
+    alphas = sorted({c["alpha"] for c in cells if c.get("objective", "dual") == "dual"}, reverse=True)
+    names = sorted({c["objective"] for c in cells if c.get("objective", "dual") != "dual"})
     cmap = plt.get_cmap("viridis")
-    color = {a: cmap(0.9 * (1 - a)) for a in alphas}
+    ncmap = plt.get_cmap("tab10")
+    color: dict = {a: cmap(0.9 * (1 - a)) for a in alphas}
+    color.update({n: ncmap(3 + i) for i, n in enumerate(names)})
 
     fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 3.6), squeeze=False, sharey=True)
     for ax, R in zip(axes[0], reps):
-        for a in alphas:
-            curves = [c["curve"] for c in cells if c["repetitions"] == R and c["alpha"] == a]
+        for a in [*alphas, *names]:
+            curves = [c["curve"] for c in cells if c["repetitions"] == R and _ident(c) == a]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
             x = [curves[0][i][0] / 1e6 for i in range(n)]
             y = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-            ax.plot(x, y, marker=".", color=color[a], label=f"α={alpha_label(a)}")
+            label = a if isinstance(a, str) else f"α={alpha_label(a)}"
+            ax.plot(x, y, marker=".", color=color[a], label=label, linestyle="--" if isinstance(a, str) else "-")
         ax.set_title(f"R = {R}")
         ax.set_xlabel("training tokens (M)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out AR loss (bits/byte)")
+    axes[0][0].set_ylabel("test AR loss (bits/byte)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     curves_path = out / "curves.png"
@@ -136,15 +170,24 @@ def plot(record: dict, out: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     rcmap = plt.get_cmap("plasma")
     for i, R in enumerate(reps):
-        rows = sorted((r for r in summary["rows"] if r["repetitions"] == R), key=lambda r: r["alpha"])
-        xs = [r["alpha"] for r in rows]
         c = rcmap(0.85 * i / max(1, len(reps) - 1))
+        for r in summary["rows"]:
+            if r["repetitions"] == R and r["objective"] != "dual":
+                ax.axhline(r["ar_final"][0], color=c, linestyle="-.", alpha=0.5, linewidth=1)
+                ax.annotate(f"{r['objective']} (R={R})", (1.0, r["ar_final"][0]), fontsize=6, ha="right",
+                            va="bottom", color=c)
+        rows = sorted((r for r in summary["rows"] if r["repetitions"] == R and r["objective"] == "dual"),
+                      key=lambda r: r["alpha"])
+        if not rows:
+            continue
+        xs = [r["alpha"] for r in rows]
         ax.errorbar(xs, [r["ar_final"][0] for r in rows], yerr=[r["ar_final"][1] for r in rows], color=c,
                     marker="o", capsize=3, label=f"R={R} AR final")
-        ax.plot(xs, [r["ar_min"][0] for r in rows], color=c, linestyle=":", marker="x", label=f"R={R} AR min")
+        ax.plot(xs, [r["ar_min"][0] for r in rows], color=c, linestyle=":", marker="x",
+                label=f"R={R} AR early-stopped")
         ax.plot(xs, [r["md_elbo"][0] for r in rows], color=c, linestyle="--", alpha=0.6, label=f"R={R} MD ELBO")
     ax.set_xlabel("α (AR weight)")
-    ax.set_ylabel("held-out bits/byte")
+    ax.set_ylabel("test bits/byte")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=max(1, len(reps) // 2))
     fig.tight_layout()
