@@ -87,16 +87,25 @@ def test_tiny_grid_end_to_end(tiny, tmp_path):
 
 
 def test_objective_axis_beside_the_alpha_axis(tiny, tmp_path):
-    config = dataclasses.replace(tiny, alphas=(1.0,), objectives=("ar", "md"), repetitions=(2,))
-    assert [c.key for c in config.cells()] == ["a=1,R=2,seed=0", "obj=ar,R=2,seed=0", "obj=md,R=2,seed=0"]
+    config = dataclasses.replace(tiny, alphas=(1.0,), objectives=("ar", "md", "bd4"), repetitions=(2,))
+    assert [c.key for c in config.cells()] == ["a=1,R=2,seed=0", "obj=ar,R=2,seed=0", "obj=md,R=2,seed=0",
+                                               "obj=bd4,R=2,seed=0"]
     record = grid_cells(run_grid(config, tmp_path), config)["cells"]
     assert record["obj=ar,R=2,seed=0"]["objective"] == "ar" and record["obj=ar,R=2,seed=0"]["alpha"] is None
     # AR rows need no random draw, so the "ar" objective and α = 1 train the same model on the same batches.
     for key in ("ar_final", "ar_min", "md_elbo", "prefix"):
         assert record["obj=ar,R=2,seed=0"][key] == pytest.approx(record["a=1,R=2,seed=0"][key], rel=1e-5)
+    # the objective axis follows each model's own bound; the α axis does not
+    assert "bound_final" not in record["a=1,R=2,seed=0"]
+    for key in ("obj=ar,R=2,seed=0", "obj=md,R=2,seed=0", "obj=bd4,R=2,seed=0"):
+        cell = record[key]
+        assert len(cell["bound_curve"]) == len(cell["curve"]) == len(cell["bound_curve_validation"])
+        assert cell["bound_final"] == cell["bound_curve"][-1][1] and 0 < cell["bound_final"] < 20
+        assert cell["bound_min"] in [v for _, v in cell["bound_curve"]]
     rows = summarize({"cells": record})["rows"]
-    assert [(r["alpha"], r["objective"]) for r in rows] == [(1.0, "dual"), (None, "ar"), (None, "md")]
-    assert set(OBJECTIVES) >= {"ar", "md"}
+    assert [(r["alpha"], r["objective"]) for r in rows] == [(1.0, "dual"), (None, "ar"), (None, "bd4"), (None, "md")]
+    assert all("bound_rise" in r for r in rows[1:]) and "bound_rise" not in rows[0]
+    assert set(OBJECTIVES) >= {"ar", "md", "bd4", "bd16"}
     with pytest.raises(DualObjError, match="objectives"):
         dataclasses.replace(tiny, objectives=("bd3",))
     with pytest.raises(DualObjError, match="alphas"):
@@ -106,8 +115,8 @@ def test_objective_axis_beside_the_alpha_axis(tiny, tmp_path):
 
 def test_objectives_preset_is_small():
     config = PRESETS["objectives"]
-    assert set(config.objectives) >= {"ar", "md"} and config.repetitions == (32,)
-    assert len(config.cells()) <= 8 and config.budget <= 750_000
+    assert set(config.objectives) >= {"ar", "bd4", "bd16", "md"} and config.repetitions == (32,)
+    assert len(config.cells()) <= 10 and config.budget <= 750_000
 
 
 def test_resume_after_interruption(tiny, tmp_path, monkeypatch):

@@ -160,7 +160,7 @@ class GridConfig:
     def model_config(self) -> TransformerConfig:
         """The :class:`TransformerConfig` of every cell (byte vocabulary)."""
         return TransformerConfig(vocab_size=ByteTokenizer().vocab_size, dim=self.dim, layers=self.layers,
-                                 heads=self.heads, max_len=max(self.seq_len, 256))
+                                 heads=self.heads, max_len=max(2 * self.seq_len, 256))
 
     def to_dict(self) -> dict:
         """All fields (JSON-ready)."""
@@ -185,7 +185,7 @@ PRESETS: dict[str, GridConfig] = {
     ),
     "objectives": GridConfig(
         alphas=(0.75,),
-        objectives=("ar", "md"),
+        objectives=("ar", "bd4", "bd16", "md"),
         seeds=2,
     ),
 }
@@ -349,9 +349,12 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
         ``prefix_causal`` (bits per byte of the second half of each test row given the first, with a bidirectional
         or a causal prefix); ``probe`` and ``probe_se`` (accuracy and its standard error per mode),
         ``probe_questions``; ``window_overlap`` (the share of the test text's 32-byte windows found in this cell's
-        training subset); ``seconds`` and ``cpu_seconds``.
+        training subset); ``seconds`` and ``cpu_seconds``. On the objective axis also ``bound_curve`` and
+        ``bound_curve_validation`` (the model's own held-out bound over training, bits per byte: AR NLL, MD or BD
+        NELBO, one Monte Carlo mask per row), ``bound_final`` and ``bound_min`` (test, at the validation minimum)
+        with ``bound_min_tokens``.
     """
-    from dualobj.experiments._objectives import OBJECTIVES, dual_objective, forward, md_objective, prepare
+    from dualobj.experiments._objectives import OBJECTIVES, dual_objective, forward, md_objective, own_bound, prepare
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     data = cell_data(config)
@@ -372,6 +375,11 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
     val = data.validation.rows
     gen = torch.Generator().manual_seed(10_000 + cell.seed)
     curve, curve_val = [], []
+    # the objective axis also follows each model's own held-out bound (AR NLL, MD or BD NELBO) over training
+    on_axis = cell.objective != "dual"
+    bound_rows = data.test.rows.rows(slice(0, max(1, config.elbo_tokens // config.seq_len)))
+    bound_val = val.rows(slice(0, max(1, config.elbo_tokens // config.seq_len)))
+    bound, bound_v = [], []
     for step, rows in enumerate(subset.batches(config.batch_size, generator=gen), start=1):
         model.train()
         batch = prepare(objective, rows, step=step - 1, generator=gen)
@@ -386,6 +394,9 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
             seen = step * config.batch_size * config.seq_len
             curve.append([seen, ar_nll(model, test.tokens, doc_ids=test.doc_ids).bits_per_token])
             curve_val.append([seen, ar_nll(model, val.tokens, doc_ids=val.doc_ids).bits_per_token])
+            if on_axis:
+                bound.append([seen, own_bound(model, objective, bound_rows, samples=1)])
+                bound_v.append([seen, own_bound(model, objective, bound_val, samples=1)])
         if progress is not None:
             progress(step, steps)
     model.eval()
@@ -398,6 +409,16 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
     probe = {mode: choice_accuracy(score_choices(model, data.questions, mode=mode), data.questions)
              for mode in config.probe_modes} if n_q else {}
     best = min(range(len(curve_val)), key=lambda i: curve_val[i][1])
+    own: dict = {}
+    if on_axis:
+        best_own = min(range(len(bound_v)), key=lambda i: bound_v[i][1])
+        own = {
+            "bound_curve": bound,
+            "bound_curve_validation": bound_v,
+            "bound_final": bound[-1][1],
+            "bound_min": bound[best_own][1],
+            "bound_min_tokens": bound[best_own][0],
+        }
     return {
         "alpha": cell.alpha,
         "objective": cell.objective,
@@ -419,6 +440,7 @@ def train_cell(config: GridConfig, cell: Cell, progress: Progress | None = None)
         "probe_se": {m: math.sqrt(max(a * (1 - a), 0.0) / n_q) for m, a in probe.items()},
         "probe_questions": n_q,
         "window_overlap": window_overlap(data.test_hashes, row_window_hashes(subset.unique)),
+        **own,
         "seconds": time.perf_counter() - wall0,
         "cpu_seconds": time.process_time() - cpu0,
     }

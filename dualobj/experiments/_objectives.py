@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dualobj.data import ByteTokenizer, Packed
-from dualobj.objectives import ARObjective, Batch, DualObjective, MDObjective, Objective
+from dualobj.evaluation import ar_nll, bd_nelbo, md_elbo
+from dualobj.objectives import ARObjective, Batch, BlockDiffusionObjective, DualObjective, MDObjective, Objective
 
 ObjectiveFactory = Callable[[ByteTokenizer], Objective]
 """Builds a fresh objective for one cell from the byte tokenizer (mask id, special ids)."""
@@ -25,17 +25,27 @@ def dual_objective(alpha: float, tok: ByteTokenizer) -> DualObjective:
     return DualObjective(alpha, md=md_objective(tok), split="rows")
 
 
+def bd_objective(block_size: int) -> ObjectiveFactory:
+    """Block diffusion with blocks of ``block_size`` bytes (BD3-LM: rows ``[x_t ; x_0]``, in-place targets)."""
+
+    def make(tok: ByteTokenizer) -> BlockDiffusionObjective:
+        return BlockDiffusionObjective(tok.mask_id, block_size, num_special=tok.num_special)
+
+    return make
+
+
 OBJECTIVES: dict[str, ObjectiveFactory] = {
     "ar": lambda tok: ARObjective(),
+    "bd4": bd_objective(4),
+    "bd16": bd_objective(16),
     "md": md_objective,
 }
-"""The objective axis (``dualobj repro --objectives ar,md``): name → factory. A new objective joins the grid with one
-entry here; if its batches need more than ``input_ids``, ``causal`` and ``doc_ids`` (position ids, an attention
-layout), extend :func:`forward` too."""
+"""The objective axis (``dualobj repro --objectives ar,bd4,bd16,md``): name → factory. A new objective joins the grid
+with one entry here (and, if it has a likelihood bound of its own, one branch in :func:`own_bound`)."""
 
 
 def prepare(objective: Objective, rows: Packed, *, step: int, generator: torch.Generator) -> Batch:
-    """``objective.prepare`` on packed training rows, passing ``step`` to objectives whose ``prepare`` takes it.
+    """``objective.prepare`` on packed training rows (every objective of the contract takes ``step``).
 
     Args:
         objective: the cell's objective.
@@ -43,10 +53,7 @@ def prepare(objective: Objective, rows: Packed, *, step: int, generator: torch.G
         step: the optimizer step (0-based).
         generator: the cell's random generator.
     """
-    kwargs: dict = {"doc_ids": rows.doc_ids, "generator": generator}
-    if "step" in inspect.signature(objective.prepare).parameters:
-        kwargs["step"] = step
-    return objective.prepare(rows.tokens, **kwargs)
+    return objective.prepare(rows.tokens, step=step, doc_ids=rows.doc_ids, generator=generator)
 
 
 def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -57,4 +64,25 @@ def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
         model: the reference :class:`~dualobj.models.Transformer` (or any model with its call signature).
         batch: from ``objective.prepare``.
     """
-    return model(batch.input_ids, causal=batch.causal, doc_ids=batch.doc_ids)
+    return model(batch.input_ids, layout=batch.layout)
+
+
+def own_bound(model: nn.Module, objective: Objective, rows: Packed, *, samples: int, seed: int = 0) -> float:
+    """The held-out bound of the model's own training objective, in bits per token: the AR NLL for AR (and for the
+    α axis), the MD negative ELBO for MD, the block-diffusion NELBO for block diffusion. Each is an upper bound on
+    ``-log2 p`` per token (the AR one exact), so models trained on different objectives compare on one scale.
+
+    Args:
+        model: the trained reference model (in eval mode).
+        objective: the cell's objective.
+        rows: held-out rows.
+        samples: Monte Carlo masks per row for the MD and BD bounds.
+        seed: the evaluation seed (the same masks for every model).
+    """
+    if isinstance(objective, BlockDiffusionObjective):
+        return bd_nelbo(model, rows.tokens, bd=objective, doc_ids=rows.doc_ids, samples=samples,
+                        seed=seed).bits_per_token
+    if isinstance(objective, MDObjective):
+        return md_elbo(model, rows.tokens, doc_ids=rows.doc_ids, md=objective, samples=samples,
+                       seed=seed).bits_per_token
+    return ar_nll(model, rows.tokens, doc_ids=rows.doc_ids).bits_per_token

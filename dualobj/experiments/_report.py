@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 METRICS = ("ar_final", "ar_min", "ar_test_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix",
-           "probe_md", "window_overlap")
+           "probe_md", "window_overlap", "bound_final", "bound_min")
 """Summarised values: test-split bits per byte (lower is better), probe accuracies (higher is better) and the share
 of test windows found in the training subset. A row holds only the metrics its cells have (the probe modes are a
 setting)."""
@@ -62,6 +62,8 @@ def summarize(record: dict) -> dict:
             if values and all(v is not None for v in values):
                 row[m] = list(_mean_std(values))
         row["ar_rise"] = list(_mean_std([c["ar_final"] - c["ar_min"] for c in cells]))
+        if "bound_final" in row and "bound_min" in row:
+            row["bound_rise"] = list(_mean_std([c["bound_final"] - c["bound_min"] for c in cells]))
         rows.append(row)
     best: dict[int, dict[str, float | str]] = {}
     for R in sorted({r["repetitions"] for r in rows}):
@@ -97,6 +99,9 @@ def render_table(summary: dict, *, title: str = "dualobj repro: test-split bits 
                           ("AR min", "right"), ("rise", "right"), ("MD ELBO", "right"),
                           ("prefix / causal", "right"), ("probe ar/prefix/md", "right"), ("seeds", "right")):
         table.add_column(name, justify=justify)
+    own = any("bound_final" in row for row in summary["rows"])
+    if own:  # the objective axis: each model's own held-out bound (AR NLL, MD or BD NELBO), final (rise)
+        table.add_column("own bound (rise)", justify="right")
     last_r = None
     for row in summary["rows"]:
         R = row["repetitions"]
@@ -112,11 +117,14 @@ def render_table(summary: dict, *, title: str = "dualobj repro: test-split bits 
 
         rise = row["ar_rise"][0]
         probe = "/".join(f"{row[m][0]:.2f}" if m in row else "–" for m in ("probe_ar", "probe_prefix", "probe_md"))
-        table.add_row(
+        values = [
             str(R), f"{row['unique_tokens'] / 1000:.0f}K", row_label(row), cell("ar_final"),
             cell("ar_min"), f"{rise:+.3f}", cell("md_elbo"), f"{row['prefix'][0]:.3f} / {row['prefix_causal'][0]:.3f}",
             probe, str(row["seeds"]),
-        )
+        ]
+        if own:
+            values.append(f"{row['bound_final'][0]:.3f} ({row['bound_rise'][0]:+.3f})" if "bound_rise" in row else "–")
+        table.add_row(*values)
     return table
 
 
