@@ -393,17 +393,17 @@ CASES = [
     case(lambda: Batch.cat([ar_batch(), "batch"]), "batches", T, id="batch-cat-str"),
     # ---- data and experiments ------------------------------------------------------------------------------
     case(lambda: ByteTokenizer(num_special=-1), "num_special", id="tokenizer-num_special"),
-    case(lambda: ByteTokenizer().encode(123), "text", T, id="tokenizer-encode-int", fix="data/_tokenizer.py (repro)"),
+    case(lambda: ByteTokenizer().encode(123), "text", T, id="tokenizer-encode-int"),
     case(lambda: load_corpus("/nonexistent/dualobj-corpus"), ("path", "data"), id="load_corpus-missing"),
     case(lambda: pack(corpus(), 0), "seq_len", id="pack-seq_len-zero"),
-    case(lambda: pack(corpus(), 1.5), "seq_len", T, id="pack-seq_len-float", fix="data/_packing.py (repro)"),
+    case(lambda: pack(corpus(), 1.5), "seq_len", T, id="pack-seq_len-float"),
     case(lambda: repetition_subset(pack(corpus(), 16), 64, 0), "repetitions", id="repetition_subset-zero"),
     case(lambda: split_corpus(corpus(), heldout_fraction=1.5), "heldout_fraction", id="split-heldout_fraction"),
-    case(lambda: shuffled(list(corpus()), "x"), "seed", T, id="shuffled-seed-str", fix="data/_corpus.py (repro)"),
+    case(lambda: shuffled(list(corpus()), "x"), "seed", T, id="shuffled-seed-str"),
     case(lambda: GridConfig(alphas=(1.5,)), "alphas", id="grid-alpha-above-1"),
     case(lambda: GridConfig(budget=0), "budget", id="grid-budget-zero"),
     case(lambda: GridConfig(seeds=0), "seeds", id="grid-seeds-zero"),
-    case(lambda: alpha_label(2.0), "alpha", id="alpha_label-above-1", fix="experiments/_report.py (repro)"),
+    case(lambda: alpha_label(2.0), "alpha", id="alpha_label-above-1"),
     case(lambda: run_grid(GridConfig(), "out-never-written", jobs=0), "jobs", id="run_grid-jobs-zero"),
     # ---- the validation switch itself ----------------------------------------------------------------------
     case(lambda: dualobj.set_validation("off"), "enabled", T, id="set_validation-str"),
@@ -433,7 +433,6 @@ def test_wrong_types_are_type_errors_and_value_errors():
     assert issubclass(DualObjTypeError, DualObjError) and issubclass(DualObjError, ValueError)
 
 
-@fixed_in("experiments/_runner.py (repro)")
 def test_load_results_refuses_binary_and_misshapen_files(tmp_path):
     (tmp_path / "results.json").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(DualObjError):
@@ -563,7 +562,7 @@ BINARY = b"\xff\xfe\x00\x01binary"
 
 
 @pytest.mark.parametrize("content", [
-    pytest.param(BINARY, marks=fixed_in("experiments/_runner.py (repro): the message names no file"), id="binary"),
+    pytest.param(BINARY, id="binary"),
     pytest.param(b"[1, 2, 3]", id="list"),
     pytest.param(b'{"cells": 7}', id="cells-not-a-dict"),
     pytest.param(b"{not json", id="not-json"),

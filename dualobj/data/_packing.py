@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_int, check_tensor, describe, fail
 from dualobj.data._corpus import Corpus, Document
 from dualobj.data._tokenizer import ByteTokenizer
 
@@ -45,6 +45,7 @@ class Packed:
 
 def shuffled(documents: Sequence[Document], seed: int) -> list[Document]:
     """The documents in an order fixed by ``seed`` and their names only (hash order), whatever the input order."""
+    check_int("seed", seed)
 
     def key(doc: Document) -> bytes:
         return hashlib.sha256(f"{seed}:{doc.name}".encode()).digest()
@@ -77,11 +78,9 @@ def pack(
         DualObjError: the documents hold fewer than ``seq_len`` tokens.
     """
     tok = tokenizer if tokenizer is not None else ByteTokenizer()
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise fail("seq_len", "an int >= 2", describe(seq_len))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < seq_len):
-        raise fail("max_tokens", f"None or an int >= seq_len={seq_len}", describe(max_tokens))
+    check_int("seq_len", seq_len, low=2)
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, low=seq_len)
     docs = list(corpus.documents if isinstance(corpus, Corpus) else corpus)
     if seed is not None:
         docs = shuffled(docs, seed)

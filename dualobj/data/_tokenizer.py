@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from dualobj._errors import check_tensor, describe, fail
+from dualobj._errors import check_tensor, describe, fail, fail_type
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ByteTokenizer:
         if isinstance(text, str):
             text = text.encode("utf-8")
         if not isinstance(text, (bytes, bytearray)):
-            raise fail("text", "str or bytes", describe(text))
+            raise fail_type("text", "str or bytes", describe(text))
         return torch.frombuffer(bytearray(text), dtype=torch.uint8).long() + self.num_special if text else (
             torch.empty(0, dtype=torch.long))
 

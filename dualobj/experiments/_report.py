@@ -6,6 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
+from dualobj._errors import check_probability
+
 METRICS = ("ar_final", "ar_min", "ar_test_min", "md_elbo", "prefix", "prefix_causal", "probe_ar", "probe_prefix",
            "probe_md", "window_overlap", "bound_final", "bound_min")
 """Summarised values: test-split bits per byte (lower is better), probe accuracies (higher is better) and the share
@@ -83,6 +85,7 @@ def row_label(row: dict) -> str:
 
 def alpha_label(alpha: float) -> str:
     """α as a short fraction where it is one (``"3/4"``, ``"1/64"``), else a decimal."""
+    alpha = check_probability("alpha", alpha)
     for den in (1, 2, 4, 8, 16, 64, 256):
         num = alpha * den
         if abs(num - round(num)) < 1e-9:
