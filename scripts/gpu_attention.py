@@ -8,8 +8,9 @@ Run from the repository root on a CUDA machine::
 
 1. Prints torch, CUDA, the card, and ``available_backends()`` with the reason for each backend that does not run.
 2. Checks every backend that runs against ``"math"``, forward and backward, on small shapes for the layouts
-   causal, bidirectional, mixed rows (grouped, interleaved, flags on the device), packed documents and
-   prefix-LM rows, in float32 and bfloat16. Prints the largest differences; exits with status 1 if one is out
+   causal, bidirectional, mixed rows (grouped, interleaved, flags on the device), packed documents,
+   prefix-LM rows and the block-diffusion layout (with and without documents; Flex runs it as a cached BlockMask),
+   in float32 and bfloat16. Prints the largest differences; exits with status 1 if one is out
    of tolerance.
 3. Times forward+backward (``torch.autograd.grad`` with a fixed upstream gradient): median of ``--repeats``
    calls after ``--warmup`` calls, CUDA-synchronised, and the peak extra allocated memory of one call. Rows:
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualobj.attention import AttentionSpec, attention, available_backends
+from dualobj.attention import AttentionLayout, AttentionSpec, attention, available_backends
 from dualobj.bench.attention import layout as bench_layout
 
 
@@ -45,6 +46,10 @@ def layout(kind: str, B: int, T: int, device: str) -> dict:
         return {"causal": (torch.arange(B) % 3 == 0).to(device)}
     if kind == "prefix":
         return {"causal": True, "prefix_lengths": torch.full((B,), T // 3, device=device)}
+    if kind in ("block", "block-documents"):  # block diffusion over rows [x_t ; x_0] of T = 2L (Flex: a BlockMask)
+        L = T // 2
+        docs = (torch.arange(L) * 3 // L).expand(B, L).contiguous().to(device) if kind == "block-documents" else None
+        return {"layout": AttentionLayout(block_size=16, doc_ids=docs)}
     return bench_layout(kind, B, T, device)
 
 
@@ -66,10 +71,13 @@ def check(device: str, backends: list[str]) -> bool:
     print("|---|---|---|---|---|---|---|")
     for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 6e-2)):
         for name in backends:
-            for kind in ("causal", "bidirectional", "mixed", "interleaved", "flags-on-device", "documents", "prefix"):
-                if name == "xformers" and kind == "prefix":
+            for kind in ("causal", "bidirectional", "mixed", "interleaved", "flags-on-device", "documents", "prefix",
+                         "block", "block-documents"):
+                if name == "xformers" and (kind == "prefix" or kind.startswith("block")):
                     continue
-                for B, T, H, D in ((4, 77, 2, 64), (2, 1, 1, 32), (3, 130, 4, 128)):
+                for B, T, H, D in ((4, 77, 2, 64), (2, 1, 1, 32), (3, 130, 4, 128), (2, 512, 4, 64)):
+                    if kind.startswith("block") and T % 2:
+                        continue  # block diffusion rows are [x_t ; x_0]: an even length
                     q, k, v, g = inputs(B, T, H, D, dtype, device, seed=T)
                     lay = layout(kind, B, T, device)
                     want = fwd_bwd(lambda q, k, v, lay=lay: attention(q, k, v, backend="math", **lay), q, k, v, g)
