@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dualobj._errors import check_int, check_tensor, describe, fail_type
+from dualobj._errors import check_choice, check_int, check_tensor, describe, fail_type
 from dualobj.evaluation._likelihood import NLL, head_weight, resolve_head
+from dualobj.masking import RandomMasker
 from dualobj.objectives import BlockDiffusionObjective
 from dualobj.objectives._batch import IGNORE_INDEX
-from dualobj.schedules import LinearSchedule, UniformSampler
+from dualobj.schedules import LinearSchedule, UniformSampler, sample_counts
 
 EVAL_T_MIN = 1e-6
 
@@ -57,15 +58,24 @@ def bd_nelbo(
     bd: BlockDiffusionObjective,
     doc_ids: torch.Tensor | None = None,
     samples: int = 4,
+    estimator: str = "exact",
     seed: int = 0,
     head: nn.Linear | torch.Tensor | None = None,
     batch_size: int = 64,
 ) -> MonteCarloNLL:
     r"""Monte Carlo estimate of the block-diffusion negative ELBO of held-out rows, with its standard error.
 
-    For each row and sample, every block draws its own ``t ~ U(0, 1]`` (or one per row, as ``bd.t_per`` says),
-    masks each maskable token of the block independently with probability ``t`` and weighs the masked tokens'
-    in-place cross-entropy by ``1/t``: an unbiased estimate of
+    Two unbiased estimators of the bound below:
+
+    - ``"exact"`` (default): every block with ``n`` maskable tokens draws ``k ~ U{1..n}``, masks exactly ``k`` of
+      them and weighs their in-place cross-entropy by ``n/k``. Its variance is finite (LLaDA's evaluation estimator,
+      block by block); ``bd.t_per`` does not apply (the bound itself does not depend on it).
+    - ``"bernoulli"``: every block draws its own ``t ~ U(0, 1]`` (or one per row, as ``bd.t_per`` says), masks
+      each maskable token independently with probability ``t`` and weighs by ``1/t``: the continuous-time form,
+      whose variance grows without bound as ``t → 0`` (its sample mean is heavy-tailed, so a single draw is more
+      often below the bound than above it).
+
+    Both estimate
     :math:`\sum_k \sum_{m=1}^{n_k} \frac{1}{m}\,\mathbb{E}_{|M|=m}\big[\sum_{i\in M} -\log p_\theta(x_i \mid
     x^k_{\setminus M}, x^{<k})\big]` whatever the model (the bound does not depend on the training schedule, so the
     linear one is used). With ``block_size = 1`` the bound is the AR NLL in expectation; with ``block_size = L`` it
@@ -82,6 +92,7 @@ def bd_nelbo(
             be masked).
         doc_ids: ``[N, L]`` document ids.
         samples: Monte Carlo samples per row (>= 1; >= 2 for a standard error).
+        estimator: ``"exact"`` or ``"bernoulli"``.
         seed: the evaluation seed.
         head: the output layer (default ``model.lm_head``).
         batch_size: rows per forward pass (each of ``2L`` tokens).
@@ -105,6 +116,7 @@ def bd_nelbo(
     if not isinstance(bd, BlockDiffusionObjective):
         raise fail_type("bd", "a BlockDiffusionObjective", describe(bd))
     check_int("samples", samples, low=1)
+    check_choice("estimator", estimator, ("exact", "bernoulli"))
     check_int("seed", seed)
     check_int("batch_size", batch_size, low=1)
     weight, bias = head_weight(resolve_head(model, head))
@@ -112,6 +124,7 @@ def bd_nelbo(
         bd.mask_token_id, bd.block_size, schedule=LinearSchedule(), sampler=UniformSampler(EVAL_T_MIN, 1.0),
         t_per=bd.t_per, special_ids=bd.special_ids, num_special=bd.num_special, pad_id=bd.pad_id,
         t_min=EVAL_T_MIN, normalize="none",
+        masker=RandomMasker(exact=True, rounding="round") if estimator == "exact" else None,
     )
     gen = torch.Generator().manual_seed(seed)
     nats, var, count = 0.0, 0.0, 0
@@ -120,7 +133,10 @@ def bd_nelbo(
         d = None if doc_ids is None else doc_ids[start:start + batch_size]
         draws = []
         for _ in range(samples):
-            batch = scorer.prepare(x, doc_ids=d, generator=gen)
+            if estimator == "exact":
+                batch = _exact_count_batch(scorer, x, d, gen)
+            else:
+                batch = scorer.prepare(x, doc_ids=d, generator=gen)
             draws.append(_row_totals(model, batch, weight, bias))
         per = torch.stack(draws)  # [samples, n]
         nats += float(per.mean(0).sum())
@@ -129,3 +145,19 @@ def bd_nelbo(
         count += int(scorer.eligible(x).sum())
     stderr = math.sqrt(var) if samples > 1 else float("nan")
     return MonteCarloNLL(nats, count, stderr=stderr, samples=samples)
+
+
+def _exact_count_batch(scorer: BlockDiffusionObjective, x: torch.Tensor, doc_ids: torch.Tensor | None,
+                       gen: torch.Generator):
+    """The ``[x_t ; x_0]`` batch of the exact-count estimator: ``k ~ U{1..n}`` masked tokens in each block with
+    ``n`` maskable ones, at level ``t = k/n`` so that the linear schedule's weight ``1/t`` is ``n/k``."""
+    B, L = x.shape
+    b, K = scorer.block_size, scorer.num_blocks(L)
+    maskable = scorer.eligible(x)
+    padded = nn.functional.pad(maskable, (0, K * b - L), value=False)
+    n = padded.reshape(B, K, b).sum(-1)  # [B, K] maskable tokens per block
+    counts = sample_counts(n.reshape(-1), stratified=False, generator=gen)
+    rate = counts.rate.reshape(B, K).float()
+    mask = scorer.block_mask(x, rate, maskable, gen)  # exactly round(rate · n) = k per block
+    t = torch.where(n > 0, rate, torch.ones_like(rate))  # blocks without maskable tokens score nothing
+    return scorer.build(x, mask, t, maskable=maskable, doc_ids=doc_ids)
