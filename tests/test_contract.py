@@ -24,6 +24,7 @@ from dualobj.objectives import (
     IGNORE_INDEX,
     ARObjective,
     Batch,
+    BlockDiffusionObjective,
     DualObjective,
     MDObjective,
     Mixture,
@@ -90,19 +91,20 @@ def objectives() -> dict[str, object]:
                             "span": (md(masker=SpanMasker(GeometricSpans(p=0.3, max_length=4)), shift=False), 0.25)}),
         "user": NextButOne(),
         "protocol-only": ProtocolOnly(),
+        "block-diffusion": BlockDiffusionObjective(MASK, 4, num_special=NUM_SPECIAL),
     }
 
 
 def train(objective, *, steps: int = 3, fused: bool = True) -> list[float]:
     """A training loop written against the contract only."""
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=V, dim=16, layers=1, heads=2, max_len=16, backend="math"))
+    model = Transformer(TransformerConfig(vocab_size=V, dim=16, layers=1, heads=2, max_len=32, backend="math"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = gen(1)
     losses = []
     for step in range(steps):
         batch = objective.prepare(tokens(4, 10, seed=step), step=step, generator=g)
-        hidden = model(batch.input_ids, causal=batch.causal, doc_ids=batch.doc_ids)
+        hidden = model(batch.input_ids, layout=batch.layout)  # the batch says who attends to whom
         out = objective.loss(hidden, batch, head=model.lm_head) if fused else objective.loss(model.lm_head(hidden),
                                                                                             batch)
         out.loss.backward()
