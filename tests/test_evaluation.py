@@ -44,6 +44,17 @@ def logp(model, ids, **kw) -> torch.Tensor:
         return torch.log_softmax(model.logits(ids, **kw), dim=-1)
 
 
+def test_a_tied_embedding_head_scores_like_its_weight(model):
+    # a tied nn.Embedding as head= reads the same [V, H] weight as passing that weight (no bias)
+    tokens = torch.randint(4, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    tied = torch.nn.Embedding(V, 16).double()
+    with torch.no_grad():
+        tied.weight.copy_(model.lm_head.weight)
+    got = ar_nll(model, tokens, head=tied)
+    want = ar_nll(model, tokens, head=model.lm_head.weight.detach())
+    assert got.tokens == want.tokens and got.nats == pytest.approx(want.nats, rel=1e-12)
+
+
 def test_ar_nll_matches_a_loop(model):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(4, V, (3, 9), generator=g)

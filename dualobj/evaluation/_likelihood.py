@@ -25,6 +25,7 @@ from dualobj._errors import (
 )
 from dualobj.masking import random_mask
 from dualobj.objectives import ARObjective, Batch, MDObjective
+from dualobj.objectives._fused import resolve_head as resolve_output_layer
 from dualobj.schedules import sample_counts
 
 LN2 = math.log(2.0)
@@ -62,8 +63,9 @@ def resolve_head(model: nn.Module, head: nn.Linear | torch.Tensor | None) -> nn.
     if not callable(model):
         raise fail_type("model", "a callable model (an nn.Module)", describe(model))
     if head is not None:
-        if not isinstance(head, (nn.Linear, torch.Tensor)):
-            raise fail_type("head", "an nn.Linear, a [V, H] weight tensor or None", describe(head))
+        if not isinstance(head, (nn.Linear, nn.Embedding, torch.Tensor)):
+            raise fail_type("head", "an nn.Linear, a tied nn.Embedding, a [V, H] weight tensor or None",
+                            describe(head))
         return head
     out = getattr(model, "lm_head", None)
     if out is None:
@@ -73,11 +75,11 @@ def resolve_head(model: nn.Module, head: nn.Linear | torch.Tensor | None) -> nn.
     return out
 
 
-def head_weight(head: nn.Linear | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of an output layer given as ``nn.Linear`` or a weight."""
-    if isinstance(head, nn.Linear):
-        return head.weight, head.bias
-    return check_tensor("head", head, ndim=2, floating=True), None
+def head_weight(head: nn.Linear | nn.Embedding | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of an output layer given as ``nn.Linear``, a tied ``nn.Embedding`` or
+    a weight (the losses' :func:`~dualobj.objectives._fused.resolve_head`, FSDP2-sharded heads included)."""
+    weight, bias = resolve_output_layer(head)
+    return check_tensor("head", weight, ndim=2, floating=True), bias
 
 
 def _chunks(tokens: torch.Tensor, doc_ids: torch.Tensor | None, batch_size: int) -> Iterator[tuple]:

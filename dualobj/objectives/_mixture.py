@@ -244,9 +244,7 @@ class Mixture(Objective):
         super().__init__(z_loss=z_loss, normalize=normalize)
         triples = self._parse(components)
         check_choice("split", split, SPLITS)
-        if split == "rank":
-            steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1)
-        elif steps_per_epoch is not None:
+        if split == "rank" or steps_per_epoch is not None:  # required by "rank", checked whenever given
             steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1)
         if rank is not None:
             check_int("rank", rank, low=0)
